@@ -1,0 +1,315 @@
+"""Caption metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when installed) with pycocoevalcap's scorers.
+
+`score_captions` reproduces `pycocoevalcap.eval.COCOEvalCap.evaluate()` step for step, without constructing
+`Spice()` (its constructor downloads Stanford CoreNLP): the PTB tokenizer over the references and over the
+results (the same `stanford-corenlp-3.4.1.jar` command and the same punctuation removal), then `Bleu(4)`,
+`Meteor()`, `Rouge()`, `Cider()` on the tokenized captions. The tokenizer and METEOR need `java` on the PATH;
+without it the captions are tokenized with `data.tokenizer.tokenize` (made to look like PTB output) and METEOR
+is skipped, which the result's `notes` say. SPICE runs only when its CoreNLP jars are already present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.errors import InputError
+
+METRICS_FORMAT = "showtell-metrics"
+METRICS_VERSION = 1
+# COCO metric name (the key COCOEvalCap uses) -> the name printed in tables.
+DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
+                 "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
+# What SPICE needs besides java: its jar plus the CoreNLP jars that get_stanford_models() would download.
+SPICE_FILES = ("spice-1.0.jar", "lib/stanford-corenlp-3.6.0.jar", "lib/stanford-corenlp-3.6.0-models.jar")
+# The fallback tokenizer maps brackets as PTB does (PTB's -LRB- is lower-cased, so COCO keeps "-lrb-").
+_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+
+
+@dataclass
+class MetricsResult:
+    """Scores of one set of results; metric names are COCOEvalCap's (Bleu_1..4, METEOR, ROUGE_L, CIDEr)."""
+
+    corpus: dict[str, float]  # metric -> corpus score, only the metrics that were computed
+    per_image: dict[Hashable, dict[str, float]]  # image_id -> metric -> that image's score (results order)
+    tokenizer: str  # "ptb" (Stanford PTBTokenizer through java) or "fallback" (data.tokenizer)
+    notes: list[str] = field(default_factory=list)  # what was skipped or approximated, and why
+    n_images: int = 0  # number of scored images (= number of results)
+
+    def to_dict(self, per_image: bool = True) -> dict:
+        """JSON-able dict (NaN becomes None); `per_image` adds a list of {"image_id", metric: score}."""
+        out = {"n_images": self.n_images, "tokenizer": self.tokenizer, "notes": list(self.notes),
+               "metrics": {k: _json_float(v) for k, v in self.corpus.items()}}
+        if per_image:
+            out["per_image"] = [{"image_id": _json_id(i), **{k: _json_float(v) for k, v in s.items()}}
+                                for i, s in self.per_image.items()]
+        return out
+
+
+def find_java() -> str | None:
+    """Path of the `java` executable on the PATH, or None."""
+    return shutil.which("java")
+
+
+def pycocoevalcap_dir() -> Path:
+    """Directory of the installed pycocoevalcap package; InputError when it is not installed."""
+    try:
+        from pycocoevalcap.bleu import bleu  # pycocoevalcap is a namespace package: no __init__.py
+    except ImportError as exc:
+        raise InputError("pycocoevalcap is not installed: run `pip install pycocoevalcap` (or `pip install "
+                         "-e '.[eval]'`) to compute caption metrics.") from exc
+    return Path(bleu.__file__).resolve().parent.parent
+
+
+def spice_status(package_dir: Path | None = None) -> tuple[bool, str]:
+    """(available, reason): SPICE runs only when all of SPICE_FILES exist under `<pycocoevalcap>/spice`."""
+    spice_dir = Path(package_dir or pycocoevalcap_dir()) / "spice"
+    missing = [name for name in SPICE_FILES if not (spice_dir / name).is_file()]
+    if missing:
+        return False, (f"SPICE skipped: {', '.join(missing)} not found in {spice_dir} (pycocoevalcap would "
+                       "download Stanford CoreNLP 3.6.0; we never do)")
+    return True, "SPICE models present"
+
+
+def score_captions(results: Sequence[Mapping], references: Mapping[Hashable, Sequence[str]], *,
+                   use_java: str | bool = "auto", spice: str | bool = "auto") -> MetricsResult:
+    """Score `results` ([{"image_id", "caption"}], one per image) against `references` (image_id -> captions).
+
+    use_java: "auto" (PTB tokenizer + METEOR when java is on the PATH), True (require java), False (never).
+    spice: "auto" (when java and the SPICE jars are present), True (require them), False (never).
+    Raises InputError on empty or duplicate results, non-string captions or an image without references.
+    """
+    gts, res = _coco_inputs(results, references)
+    package_dir = pycocoevalcap_dir()
+    notes: list[str] = []
+    java = _decide_java(use_java, notes)
+    spice_ok, spice_reason = spice_status(package_dir)
+    if spice is True and not (spice_ok and java):
+        why = spice_reason if not spice_ok else "java is not available"
+        raise InputError(f"SPICE was requested but cannot run: {why}.")
+    tokenizer = "ptb"
+    if java:
+        try:
+            jar = package_dir / "tokenizer" / "stanford-corenlp-3.4.1.jar"
+            gts_tok, res_tok = ptb_tokenize(gts, java, jar), ptb_tokenize(res, java, jar)
+        except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
+            notes.append(f"PTB tokenizer failed ({_one_line(exc)}): used the fallback tokenizer, METEOR and "
+                         "SPICE skipped")
+            java = None
+    if not java:
+        tokenizer = "fallback"
+        gts_tok, res_tok = fallback_tokenize(gts), fallback_tokenize(res)
+    corpus, per_image = _run_scorers(gts_tok, res_tok, java, notes)
+    if java and spice is not False and spice_ok:
+        _run_spice(gts_tok, res_tok, corpus, per_image, notes)
+    elif spice is not False:
+        notes.append(spice_reason if not spice_ok else "SPICE skipped: java is not available")
+    return MetricsResult(corpus=corpus, per_image=per_image, tokenizer=tokenizer, notes=notes,
+                         n_images=len(res))
+
+
+def _coco_inputs(results, references) -> tuple[dict, dict]:
+    """Validate and convert to COCOEvalCap's shape: (gts, res), each image_id -> [{"caption": str}]."""
+    if not results:
+        raise InputError("There are no results to score.")
+    res: dict = {}
+    for entry in results:
+        if not (isinstance(entry, Mapping) and "image_id" in entry and isinstance(entry.get("caption"), str)):
+            raise InputError(f"Result entry {entry!r} is not {{'image_id': ..., 'caption': str}}.")
+        image_id = entry["image_id"]
+        if image_id in res:
+            raise InputError(f"Image {image_id!r} has more than one result caption.")
+        res[image_id] = [{"caption": entry["caption"]}]
+    gts = {}
+    for image_id in res:
+        refs = references.get(image_id)
+        if not refs or isinstance(refs, str) or not all(isinstance(r, str) for r in refs):
+            raise InputError(f"Image {image_id!r} has no reference captions (or they are not strings).")
+        gts[image_id] = [{"caption": r} for r in refs]
+    return gts, res
+
+
+def _decide_java(use_java, notes: list[str]) -> str | None:
+    """The java executable to use, or None (with a note saying why METEOR is skipped)."""
+    if use_java not in ("auto", True, False):
+        raise InputError(f"use_java must be 'auto', True or False, not {use_java!r}.")
+    if use_java is False:
+        notes.append("java disabled: captions tokenized with the fallback tokenizer, METEOR skipped")
+        return None
+    java = find_java()
+    if java is None and use_java is True:
+        raise InputError("java was required but is not on the PATH (METEOR and the PTB tokenizer need it).")
+    if java is None:
+        notes.append("java not found on the PATH: captions tokenized with the fallback tokenizer (not PTB), "
+                     "METEOR skipped; install Java 8+ for the official numbers")
+    return java
+
+
+def ptb_tokenize(captions_for_image: Mapping, java: str, jar: Path) -> dict:
+    """PTBTokenizer.tokenize() of pycocoevalcap, run from a private temp dir: image_id -> [tokenized str]."""
+    image_ids = [k for k, v in captions_for_image.items() for _ in range(len(v))]
+    sentences = "\n".join(c["caption"].replace("\n", " ") for v in captions_for_image.values() for c in v)
+    with tempfile.TemporaryDirectory(prefix="showtell-ptb-") as tmp:
+        path = Path(tmp) / "captions.txt"
+        path.write_bytes(sentences.encode())
+        proc = subprocess.run([java, "-cp", str(jar), PTB_CLASS, "-preserveLines", "-lowerCase", str(path)],
+                              capture_output=True, check=True)
+    lines = proc.stdout.decode().split("\n")
+    if len(lines) < len(image_ids):
+        raise RuntimeError(f"PTBTokenizer returned {len(lines)} lines for {len(image_ids)} captions")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+
+    out: dict = {}
+    for k, line in zip(image_ids, lines[: len(image_ids)], strict=True):
+        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
+    return out
+
+
+def fallback_tokenize(captions_for_image: Mapping) -> dict:
+    """Without java: data.tokenizer.tokenize, brackets as PTB's -lrb- etc., PTB's punctuation list removed."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+
+    from data.tokenizer import tokenize
+
+    drop = set(PUNCTUATIONS) | {'"'}
+    out: dict = {}
+    for k, caps in captions_for_image.items():
+        out[k] = [" ".join(_PTB_BRACKETS.get(w, w) for w in tokenize(c["caption"].replace("\n", " "))
+                           if w not in drop) for c in caps]
+    return out
+
+
+def _run_scorers(gts: dict, res: dict, java: str | None, notes: list[str]) -> tuple[dict, dict]:
+    """Bleu(4), Meteor() (only with java), Rouge(), Cider() on tokenized captions: (corpus, per_image)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    corpus: dict[str, float] = {}
+    per_image: dict = {k: {} for k in gts}
+    bleu, bleu_images = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        _store(f"Bleu_{n + 1}", bleu[n], bleu_images[n], gts, corpus, per_image)
+    if java:
+        try:
+            score, scores = _meteor(gts, res)
+            _store("METEOR", score, scores, gts, corpus, per_image)
+        except (OSError, ValueError, BrokenPipeError) as exc:
+            notes.append(f"METEOR failed and was skipped: {_one_line(exc)}")
+    for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
+        score, scores = scorer.compute_score(gts, res)
+        _store(name, score, scores, gts, corpus, per_image)
+    return corpus, per_image
+
+
+def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
+    """Meteor().compute_score, always stopping its JVM (even when it died mid-way and left its lock held)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        return meteor.compute_score(gts, res)
+    finally:
+        proc = meteor.meteor_p
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if meteor.lock.locked():
+            meteor.lock.release()  # so that Meteor.__del__ does not block forever
+
+
+def _run_spice(gts: dict, res: dict, corpus: dict, per_image: dict, notes: list[str]) -> None:
+    """SPICE (models already present): corpus = mean of per-image 'All' F-scores, as COCOEvalCap reports."""
+    from pycocoevalcap.spice.spice import Spice
+
+    try:
+        score, scores = Spice().compute_score(gts, res)
+    except Exception as exc:  # an optional extra metric must not sink an evaluation run
+        notes.append(f"SPICE failed and was skipped: {_one_line(exc)}")
+        return
+    # Spice scores images in sorted(image_id) order, not in gts order.
+    by_id = dict(zip(sorted(gts), scores, strict=True))
+    _store("SPICE", score, [by_id[k]["All"]["f"] for k in gts], gts, corpus, per_image)
+
+
+def _store(name: str, score, scores, gts: dict, corpus: dict, per_image: dict) -> None:
+    """Record one metric's corpus score and its per-image scores (given in gts key order)."""
+    corpus[name] = float(score)
+    for image_id, value in zip(gts, scores, strict=True):
+        per_image[image_id][name] = float(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def _json_id(image_id):
+    """numpy integers (e.g. FeatureStore.image_ids) as Python ints for JSON."""
+    return int(image_id) if isinstance(image_id, numbers.Integral) else image_id
+
+
+def _json_float(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def format_metrics_table(result: MetricsResult, extra: Mapping[str, float] | None = None) -> str:
+    """Plain-text table: `extra` rows first (e.g. perplexity), then the caption metrics, then the notes."""
+    rows = [(name, f"{value:.4f}") for name, value in (extra or {}).items()]
+    for key, display in DISPLAY_NAMES.items():
+        if key in result.corpus:
+            rows.append((display, f"{result.corpus[key]:.4f}"))
+        elif key != "SPICE":
+            rows.append((display, "skipped"))
+    width = max(len(name) for name, _ in rows)
+    tok = "PTB" if result.tokenizer == "ptb" else "fallback (no java)"
+    lines = [f"{'metric':<{width}}  score", *(f"{name:<{width}}  {value}" for name, value in rows),
+             f"{result.n_images} images, tokenizer: {tok}"]
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (utf-8) to `path` via `<name>.tmp-<pid>`, flush + fsync, os.replace. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_results_json(path: str | Path, results: Sequence[Mapping]) -> Path:
+    """COCO results format: [{"image_id": int, "caption": str}, ...], one entry per line, atomically."""
+    entries = [json.dumps({"image_id": _json_id(r["image_id"]), "caption": r["caption"]}, ensure_ascii=False)
+               for r in results]
+    return atomic_write_text(path, "[\n" + ",\n".join(entries) + "\n]\n")
+
+
+def write_metrics_json(path: str | Path, result: MetricsResult, extra: Mapping | None = None,
+                       per_image: bool = True) -> Path:
+    """Metrics JSON {format, version, metrics (+ `extra`, e.g. perplexity), n_images, tokenizer, notes,
+    per_image}, atomically."""
+    data = {"format": METRICS_FORMAT, "version": METRICS_VERSION, **result.to_dict(per_image=per_image)}
+    data["metrics"] = {**{k: _json_float(v) for k, v in (extra or {}).items()}, **data["metrics"]}
+    return atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")

@@ -1,0 +1,146 @@
+"""The HTML error-analysis report of `evaluate --report`: one self-contained page (thumbnails embedded as
+base64 JPEG, inline CSS, no external links) with the corpus metrics at the top and every image below, worst
+per-image CIDEr first, showing its generated caption and its reference captions. All text is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data.metrics import DISPLAY_NAMES, MetricsResult, atomic_write_text
+
+THUMBNAIL_PX = 160  # longest side of the embedded thumbnails, in pixels
+_CSS = """
+body{font-family:sans-serif;margin:1.5em;color:#222}
+table.metrics{border-collapse:collapse;margin-bottom:.5em}
+table.metrics td,table.metrics th{border:1px solid #ccc;padding:2px 10px;text-align:left}
+.item{display:flex;gap:1em;border-top:1px solid #ddd;padding:.6em 0}
+.thumb{width:160px;min-width:160px;text-align:center}
+.missing{width:156px;height:100px;border:2px dashed #c33;color:#c33;font-size:80%;display:flex;
+ align-items:center;justify-content:center;word-break:break-all}
+.gen{font-weight:bold;font-size:110%}
+.cider{font-size:120%}.small{color:#666;font-size:85%}
+ol{margin:.3em 0}
+"""
+
+
+@dataclass
+class ReportItem:
+    """One image of the report."""
+
+    image_id: Hashable  # dataset image id, the key of MetricsResult.per_image
+    caption: str  # the generated caption
+    references: list[str] = field(default_factory=list)  # the reference captions
+    image_path: str | Path | None = None  # image file for the thumbnail; None or unreadable -> placeholder
+
+
+@dataclass
+class ReportStats:
+    """What write_report did."""
+
+    path: Path  # the written HTML file
+    n_items: int  # images shown
+    n_missing_images: int  # images shown with a placeholder instead of a thumbnail
+
+    def summary(self) -> str:
+        """One line for the end of the run."""
+        return (f"report: {self.n_items} images, {self.n_missing_images} without a thumbnail, "
+                f"written to {self.path}")
+
+
+def thumbnail_data_uri(image_path: str | Path | None, size: int = THUMBNAIL_PX) -> tuple[str | None, str]:
+    """(data URI of a JPEG thumbnail, longest side `size` px, or None; reason when None, else "")."""
+    from PIL import Image, ImageOps
+
+    if image_path is None:
+        return None, "no image file given"
+    try:
+        with Image.open(image_path) as im:
+            im.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at reduced scale, much faster
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=80)
+    except FileNotFoundError:
+        return None, "image file not found"
+    except Exception as exc:  # one unreadable image must not stop a report of thousands
+        return None, f"unreadable image ({type(exc).__name__})"
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), ""
+
+
+def _as_item(item: ReportItem | Mapping) -> ReportItem:
+    if isinstance(item, ReportItem):
+        return item
+    return ReportItem(image_id=item["image_id"], caption=item["caption"],
+                      references=list(item.get("references", [])), image_path=item.get("image_path"))
+
+
+def _cider_key(metrics: MetricsResult, item: ReportItem) -> tuple[bool, float]:
+    """Sort key: scored images by CIDEr ascending (worst first), unscored or NaN ones last."""
+    value = metrics.per_image.get(item.image_id, {}).get("CIDEr")
+    if value is None or math.isnan(value):
+        return True, 0.0
+    return False, value
+
+
+def _metrics_html(metrics: MetricsResult, extra: Mapping[str, float] | None) -> str:
+    esc = html.escape
+    rows = [(name, f"{value:.4f}") for name, value in (extra or {}).items()]
+    rows += [(DISPLAY_NAMES[k], f"{metrics.corpus[k]:.4f}" if k in metrics.corpus else "skipped")
+             for k in DISPLAY_NAMES if k in metrics.corpus or k != "SPICE"]
+    body = "".join(f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in rows)
+    tok = "PTB" if metrics.tokenizer == "ptb" else "fallback (no java)"
+    notes = "".join(f"<li>{esc(n)}</li>" for n in metrics.notes)
+    return (f'<table class="metrics"><tr><th>metric</th><th>score</th></tr>{body}</table>'
+            f'<p class="small">{metrics.n_images} images scored, tokenizer: {esc(tok)}</p>'
+            + (f'<ul class="small">{notes}</ul>' if notes else ""))
+
+
+def _item_html(rank: int, item: ReportItem, scores: Mapping[str, float], uri: str | None, why: str) -> str:
+    esc = html.escape
+    if uri:
+        thumb = f'<img src="{uri}" alt="image {esc(str(item.image_id))}">'
+    else:
+        thumb = f'<div class="missing">{esc(why)}</div>'
+    cider = scores.get("CIDEr")
+    cider_text = "not scored" if cider is None else f"{cider:.3f}"
+    others = ", ".join(f"{DISPLAY_NAMES.get(k, k)} {v:.3f}" for k, v in scores.items() if k != "CIDEr")
+    refs = "".join(f"<li>{esc(r)}</li>" for r in item.references)
+    path = "" if item.image_path is None else f" · {esc(str(item.image_path))}"
+    return (f'<div class="item" id="rank{rank}"><div class="thumb">{thumb}</div><div>'
+            f'<div class="small">#{rank} · image {esc(str(item.image_id))}{path}</div>'
+            f'<div class="cider">CIDEr {esc(cider_text)}</div>'
+            f'<div class="small">{esc(others)}</div>'
+            f'<div class="gen">{esc(item.caption)}</div><ol>{refs}</ol></div></div>')
+
+
+def write_report(path: str | Path, items: Sequence[ReportItem | Mapping], metrics: MetricsResult, *,
+                 extra: Mapping[str, float] | None = None, title: str = "Caption report") -> ReportStats:
+    """Write the self-contained HTML report atomically.
+
+    items: ReportItem or dicts {"image_id", "caption", "references", "image_path"}; shown sorted by
+    metrics.per_image[image_id]["CIDEr"] ascending (worst first; unscored last). extra: rows shown above the
+    caption metrics (e.g. {"perplexity": 11.2}). A missing or unreadable image gets a placeholder.
+    """
+    ordered = sorted((_as_item(i) for i in items), key=lambda it: _cider_key(metrics, it))
+    parts, missing = [], 0
+    for rank, item in enumerate(tqdm(ordered, desc="report", unit="img", leave=False,
+                                     disable=len(ordered) < 200), start=1):
+        uri, why = thumbnail_data_uri(item.image_path)
+        missing += uri is None
+        parts.append(_item_html(rank, item, metrics.per_image.get(item.image_id, {}), uri, why))
+    title = html.escape(title)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_CSS}</style></head><body><h1>{title}</h1>"
+            f"{_metrics_html(metrics, extra)}<h2>Images, worst CIDEr first</h2>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    out = atomic_write_text(path, page)
+    return ReportStats(path=out, n_items=len(ordered), n_missing_images=missing)
