@@ -1,0 +1,129 @@
+"""Benchmark `extract` at 299 px on >= 64 COCO-size JPEGs (CPU here). One result per line, headline last.
+
+  extract / naive loop   extract's images/s over PIL open + resize + model.predict one image at a time
+                         (target >= 3)
+  extract / ceiling      extract's images/s over the same CNN on already-decoded in-memory batches, the
+                         physical limit of the machine for this CNN (target >= 0.90)
+
+Images: ../shared/data/coco_val2017_sample/images when present, topped up with generated 640x480 JPEGs.
+The CNN is InceptionV3 with seeded random weights (same FLOPs as ImageNet's, no download). Each rate is the
+best of three runs, ceiling and extract interleaved (the machine is shared and noisy; the best run is
+the one least disturbed by other processes).
+Run: `.venv/bin/python bench/extract.py [--images N] [--batch-size B]`.
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SAMPLE = REPO.parent / "shared" / "data" / "coco_val2017_sample" / "images"
+SIZE = 299
+
+
+def gather_images(folder: Path, n: int) -> str:
+    """Copy (link) up to n sample JPEGs into folder and generate the rest at 640x480; returns a note."""
+    real = sorted(SAMPLE.glob("*.jpg"))[:n] if SAMPLE.is_dir() else []
+    for path in real:
+        os.symlink(path, folder / path.name)
+    rng = np.random.default_rng(0)
+    for i in range(n - len(real)):
+        yy, xx = np.mgrid[0:480, 0:640]
+        arr = np.stack([(xx * rng.uniform(0.1, 1)) % 256, (yy * rng.uniform(0.1, 1)) % 256,
+                        rng.integers(0, 256, (480, 640))], -1).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"gen{i:03d}.jpg", quality=90)
+    return f"{len(real)} from coco_val2017_sample + {n - len(real)} generated 640x480"
+
+
+def naive_rate(model, paths: list[Path]) -> float:
+    """PIL open + resize 346 + central crop + model.predict, one image at a time: images/s."""
+    from extract.preprocess import resize_size
+
+    r = resize_size(SIZE)
+    off = (r - SIZE) // 2
+    t0 = time.perf_counter()
+    for path in paths:
+        im = Image.open(path).convert("RGB").resize((r, r), Image.BILINEAR)
+        x = np.asarray(im, np.float32)[off : off + SIZE, off : off + SIZE] / 127.5 - 1.0
+        model.predict(x[None], verbose=0)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def ceiling_rate(infer, batches: list[np.ndarray]) -> float:
+    """The same CNN call as extract on pre-decoded, pre-processed in-memory batches: images/s."""
+    t0 = time.perf_counter()
+    for x in batches:
+        infer(x)
+    return sum(len(x) for x in batches) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128, help="number of images (>= 64 for the report)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of ceiling and extract")
+    parser.add_argument("--batch-size", type=int, default=32, help="extract batch size")
+    parser.add_argument("--naive", type=int, default=24, help="images timed in the naive loop")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from extract.encoder import CNNSpec
+    from extract.preprocess import decode_image, preprocess
+    from extract.run import ExtractConfig, _build, run_extract
+
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        (work / "img").mkdir()
+        note = gather_images(work / "img", args.images)
+        paths = sorted((work / "img").iterdir())
+        print(f"images: {len(paths)} ({note}), {SIZE} px, batch {args.batch_size}, "
+              f"{os.cpu_count()} CPUs, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+
+        def cfg(out, imgs):
+            return ExtractConfig(out=str(work / out), paths=imgs, cnn_weights="none", image_size=SIZE,
+                                 batch_size=args.batch_size, progress=False)
+
+        infer, _ = _build(CNNSpec(weights="none", seed=0, image_size=SIZE))
+        run_extract(cfg("warm.h5", [str(p) for p in paths[: args.batch_size]]))  # build + trace once
+        arrays = [preprocess(decode_image(p, SIZE), SIZE).numpy() for p in paths]
+        batches = [np.stack(arrays[i : i + args.batch_size]) for i in range(0, len(arrays), args.batch_size)]
+        ceiling, extract = [], []
+        for rep in range(args.reps):
+            ceiling.append(ceiling_rate(infer, batches))
+            result = run_extract(cfg(f"run{rep}.h5", [str(work / "img")]))
+            extract.append(result.done_now / result.seconds)
+            if rep == 0:
+                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"extract summary: {result.summary()}")
+        del arrays, batches
+        import keras
+
+        keras.utils.set_random_seed(0)
+        model = keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
+                                               input_shape=(SIZE, SIZE, 3))
+        model.predict(np.zeros((1, SIZE, SIZE, 3), np.float32), verbose=0)
+        naive = naive_rate(model, paths[: args.naive])
+        print(f"naive loop (PIL + model.predict, 1 image at a time, {args.naive} images): {naive:.2f} img/s")
+        print(f"ceiling (same CNN, in-memory batches of {args.batch_size}): {max(ceiling):.2f} img/s "
+              f"(runs {', '.join(f'{c:.2f}' for c in ceiling)})")
+        print(f"extract: {max(extract):.2f} img/s (runs {', '.join(f'{e:.2f}' for e in extract)})")
+        print(f"peak memory (RSS, after the first extract): {peak_mb:.0f} MB")
+        print(f"extract / naive loop: {max(extract) / naive:.2f}x (target >= 3)")
+        print(f"extract / ceiling: {max(extract) / max(ceiling):.3f} (target >= 0.90)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The HDF5 feature store written by `extract` (format "showtell-features", version 1).
+
+Layout (N rows, one per image; V views; D = 2048):
+  /features  float16 (default) or float32, [N, D] (V == 1) or [N, V, D]; chunked by rows; view 0 is the
+             eval (central-crop) view, views 1..V-1 are training-style distortions.
+  /keys      utf-8 [N]  image path relative to its images root (the identity of a row)
+  /image_ids int64 [N]  dataset image id, -1 when unknown
+  /ok        bool  [N]  the row holds real features (False: failed, or not yet written)
+  /errors    utf-8 [N]  why a row failed ("" when ok); fixed width, "<category>: <detail>"
+  attrs      format, format_version, cnn (JSON CNN block) + cnn_arch/cnn_weights/cnn_fingerprint,
+             image_size, resize_size, resize_policy, dtype, views, dim, n_rows, run (JSON identity of the
+             command), run_id, shard, num_shards, total_rows, and the progress: rows_done, n_failed, complete.
+
+Crash safety (kill -9 at any moment): the file is created complete-but-empty under a temporary name
+(every chunk allocated and zero-filled, so a full disk fails here, before any work) and renamed into place.
+After that a run only overwrites pre-allocated raw data and then bumps the scalar attr `rows_done` in place
+(flush + fsync between the two), so no HDF5 structure is ever rewritten and the commit point is one small
+write: rows below `rows_done` are final, rows above it are redone on resume.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data.errors import InputError
+
+FORMAT_NAME = "showtell-features"
+FORMAT_VERSION = 1
+ERROR_WIDTH = 240  # bytes of utf-8 kept per /errors entry
+JSON_ATTRS = ("cnn", "run")
+CHUNK_BYTES = 1 << 20
+
+
+def _fsync(f: h5py.File) -> None:
+    f.flush()
+    try:
+        os.fsync(f.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+def _early():
+    """Dataset-creation property list allocating all storage at creation (no allocation while writing)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def encode_errors(errors) -> np.ndarray:
+    """list[str] -> fixed-width utf-8 bytes [n] (cut at a character boundary)."""
+    out = []
+    for text in errors:
+        raw = (text or "").encode("utf-8")[:ERROR_WIDTH]
+        out.append(raw.decode("utf-8", "ignore").encode("utf-8"))
+    return np.array(out, dtype=h5py.string_dtype("utf-8", ERROR_WIDTH))
+
+
+def _attr_value(value):
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    if value is None:
+        return ""
+    return value
+
+
+def _read_attrs(f: h5py.File) -> dict:
+    out = {}
+    for name, value in f.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if name in JSON_ATTRS and isinstance(value, str) and value:
+            value = json.loads(value)
+        out[name] = value
+    return out
+
+
+def _check_format(f: h5py.File, path) -> None:
+    name = f.attrs.get("format")
+    name = name.decode() if isinstance(name, bytes) else name
+    if name != FORMAT_NAME:
+        raise InputError(f"{path} is not a showtell feature store (format attr is {name!r}).")
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise InputError(
+            f"{path} has feature-store version {version}; this showtell reads version {FORMAT_VERSION} only."
+        )
+
+
+def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, attrs: dict):
+    """Create a pre-allocated, zero-filled store at `path` (atomically) and open it for writing.
+
+    keys: list[str] [N]; image_ids: int [N]; dtype "float16" | "float32"; attrs: extra static attrs (dicts
+    are stored as JSON). Returns a `StoreWriter` with rows_done == 0. OSError (e.g. disk full) propagates.
+    """
+    path = Path(path)
+    n = len(keys)
+    if n < 1:
+        raise InputError("no images to extract: the input list is empty.")
+    shape = (n, dim) if views == 1 else (n, views, dim)
+    row_bytes = views * dim * np.dtype(dtype).itemsize
+    chunk_rows = max(1, min(n, CHUNK_BYTES // row_bytes))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset(
+                "features", shape, dtype=dtype, chunks=(chunk_rows,) + shape[1:], fillvalue=0,
+                fill_time="alloc", dcpl=_early(),
+            )
+            f.create_dataset("keys", data=list(keys), dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset("image_ids", data=np.asarray(image_ids, dtype=np.int64))
+            f.create_dataset("ok", (n,), dtype=bool, fillvalue=False, fill_time="alloc", dcpl=_early())
+            f.create_dataset(
+                "errors", (n,), dtype=h5py.string_dtype("utf-8", ERROR_WIDTH), fill_time="alloc",
+                dcpl=_early(),
+            )
+            base = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dtype,
+                    "views": views, "dim": dim, "n_rows": n}
+            for name, value in {**attrs, **base}.items():
+                f.attrs[name] = _attr_value(value)
+            f.attrs["rows_done"] = np.int64(0)
+            f.attrs["n_failed"] = np.int64(-1)
+            f.attrs["complete"] = np.bool_(False)
+            _fsync(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return StoreWriter(path)
+
+
+class StoreWriter:
+    """An open store being filled in row order. `commit` is the only write during a run."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self._f = h5py.File(self.path, "r+")
+        except OSError as err:
+            raise InputError(f"cannot open {self.path} for writing (in use by another run?): {err}") from None
+        _check_format(self._f, self.path)
+        self.attrs = _read_attrs(self._f)
+        self.n_rows = int(self.attrs["n_rows"])
+
+    @property
+    def rows_done(self) -> int:
+        """Rows committed so far (0..N)."""
+        return int(self._f.attrs["rows_done"])
+
+    def commit(self, start: int, features: np.ndarray, ok, errors) -> None:
+        """Write rows [start, start+n) then advance rows_done to start+n (the commit point).
+
+        features: float [n, D] or [n, V, D]; ok: bool [n]; errors: list[str] [n]. start must equal rows_done.
+        """
+        if start != self.rows_done:
+            raise ValueError(f"commit at row {start} but rows_done is {self.rows_done}")
+        end = start + len(ok)
+        f = self._f
+        f["features"][start:end] = np.asarray(features).astype(f["features"].dtype, copy=False)
+        f["ok"][start:end] = np.asarray(ok, dtype=bool)
+        f["errors"][start:end] = encode_errors(errors)
+        _fsync(f)
+        f.attrs.modify("rows_done", np.int64(end))
+        _fsync(f)
+
+    def ok_done(self) -> np.ndarray:
+        """bool [rows_done]: the /ok flags of the committed rows."""
+        return self._f["ok"][: self.rows_done]
+
+    def errors_done(self) -> list[str]:
+        """The /errors of the committed rows."""
+        return [e.decode("utf-8") for e in self._f["errors"][: self.rows_done]]
+
+    def finish(self) -> None:
+        """Mark the store complete (all rows committed): n_failed, then complete=True."""
+        if self.rows_done != self.n_rows:
+            raise ValueError("finish() before all rows are committed")
+        self._f.attrs.modify("n_failed", np.int64((~self.ok_done()).sum()))
+        _fsync(self._f)
+        self._f.attrs.modify("complete", np.bool_(True))
+        _fsync(self._f)
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FeatureStore:
+    """Read side of a feature store. Row arrays are loaded eagerly; features on demand."""
+
+    def __init__(self, path, f: h5py.File):
+        self.path = Path(path)
+        self._f = f
+        self.attrs = _read_attrs(f)
+        self.keys = [k.decode("utf-8") if isinstance(k, bytes) else k for k in f["keys"][:]]
+        self.image_ids = f["image_ids"][:].astype(np.int64)
+        self.ok = f["ok"][:].astype(bool)
+        self.errors = [e.decode("utf-8") for e in f["errors"][:]]
+        shape = f["features"].shape
+        self.dim = int(shape[-1])
+        self.views = 1 if len(shape) == 2 else int(shape[1])
+        self.dtype = np.dtype(f["features"].dtype)
+        self.rows_done = int(self.attrs.get("rows_done", 0))
+        self.complete = bool(self.attrs.get("complete", False)) and self.rows_done == len(self.keys)
+        self.cnn = dict(self.attrs.get("cnn") or {})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read_features(self, rows=None) -> np.ndarray:
+        """Features in the stored dtype: [n, D] or [n, V, D]; rows = None (all) or int indices (any order)."""
+        dset = self._f["features"]
+        if rows is None:
+            return dset[...]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0:
+            return np.zeros((0,) + dset.shape[1:], dtype=dset.dtype)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        return dset[uniq][inverse]
+
+    def nbytes_in_memory(self) -> int:
+        """Bytes needed to hold all features in memory in the stored dtype."""
+        return int(np.prod(self._f["features"].shape)) * self.dtype.itemsize
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_store(path, require_complete: bool = True) -> FeatureStore:
+    """Open a feature store for reading; InputError if missing, not a store, unknown version, incomplete."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"feature store {path} does not exist.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(f"{path} is not a readable HDF5 file (or is being written): {err}") from None
+    try:
+        _check_format(f, path)
+        store = FeatureStore(path, f)
+    except BaseException:
+        f.close()
+        raise
+    if require_complete and not store.complete:
+        store.close()
+        raise InputError(
+            f"feature store {path} is incomplete ({store.rows_done}/{len(store)} rows): rerun the same "
+            "extract command to finish it."
+        )
+    return store

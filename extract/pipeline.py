@@ -1,0 +1,94 @@
+"""The extraction input pipeline (tf.data) and the batched CNN call, CPU or GPU(s).
+
+Decoding runs in PIL inside `tf.numpy_function` in a parallel `map` (PIL releases the GIL while decoding),
+preprocessing is `extract.preprocess.preprocess` as TF ops, then batch + prefetch, so the CNN never waits
+for I/O. A file that fails to decode yields a 1x1 black image with ok=False and the reason; its features
+are zeroed by the run. Distorted views (--views V) are seeded per (seed, key, view), so they do not depend
+on batch size, shard or resume point.
+"""
+
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+from extract.preprocess import MAX_PIXELS, BadImage, decode_image, preprocess
+
+
+def key_seeds(keys: list[str], seed: int) -> np.ndarray:
+    """int32 [N, 2]: the per-row stateless seed (seed, crc32(key)) of the distorted views."""
+    crc = np.array([zlib.crc32(k.encode("utf-8")) & 0x7FFFFFFF for k in keys], dtype=np.int64)
+    return np.stack([np.full_like(crc, int(seed) & 0x7FFFFFFF), crc], axis=1).astype(np.int32)
+
+
+def _loader(files: list, image_size: int, max_pixels: int):
+    def load(index):
+        path = files[int(index)]
+        if path is None:
+            return np.zeros((1, 1, 3), np.uint8), False, b"missing: not found under any --images root"
+        try:
+            return decode_image(path, image_size, max_pixels), True, b""
+        except BadImage as err:
+            return np.zeros((1, 1, 3), np.uint8), False, str(err).encode("utf-8")
+
+    return load
+
+
+def make_dataset(files: list, keys: list[str], start: int, *, image_size: int, views: int, seed: int,
+                 batch_size: int, max_pixels: int = MAX_PIXELS) -> tf.data.Dataset:
+    """Batches of rows [start, N): (float32 [B, S, S, 3] or [B, V, S, S, 3], ok bool [B], errors str [B])."""
+    seeds = tf.constant(key_seeds(keys, seed))
+    load = _loader(files, image_size, max_pixels)
+
+    def decode(index):
+        image, ok, err = tf.numpy_function(load, [index], [tf.uint8, tf.bool, tf.string], stateful=False)
+        image.set_shape([None, None, 3])
+        ok.set_shape([])
+        err.set_shape([])
+        return index, image, ok, err
+
+    def prep(index, image, ok, err):
+        out = [preprocess(image, image_size)]
+        for view in range(1, views):
+            view_seed = tf.random.experimental.stateless_fold_in(seeds[index], view)
+            out.append(preprocess(image, image_size, training=True, seed=view_seed))
+        return (out[0] if views == 1 else tf.stack(out)), ok, err
+
+    ds = tf.data.Dataset.range(start, len(files))
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def devices() -> tuple[list, tf.distribute.Strategy]:
+    """(visible GPUs, strategy): MirroredStrategy over all GPUs when there are several, else the default."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        return gpus, tf.distribute.MirroredStrategy()
+    return gpus, tf.distribute.get_strategy()
+
+
+def make_infer(model, strategy: tf.distribute.Strategy):
+    """float32 [B, S, S, 3] -> np.float32 [B, 2048]; splits the batch over the replicas of `strategy`."""
+
+    @tf.function(reduce_retracing=True)
+    def step(x):
+        return tf.cast(model(x, training=False), tf.float32)
+
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return lambda x: step(x).numpy()
+
+    def infer(x):
+        x = tf.convert_to_tensor(x)
+        bounds = np.linspace(0, int(x.shape[0]), replicas + 1).astype(int)
+
+        def part(ctx):
+            rid = ctx.replica_id_in_sync_group
+            return x[bounds[rid] : bounds[rid + 1]]
+
+        dist = strategy.experimental_distribute_values_from_function(part)
+        out = strategy.run(step, args=(dist,))
+        return strategy.gather(out, axis=0).numpy()
+
+    return infer

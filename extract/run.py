@@ -1,0 +1,282 @@
+"""`extract`: frozen-CNN features for every row into the feature store, resumable, shardable.
+
+Resume: the run's identity (`run` attr: the inputs' hash, shard, CNN block, size, dtype, views, seed) is
+stored in the file. Rerunning the same command continues after `rows_done`; any other command on the same
+file is refused, naming what differs. Rows are committed a batch at a time (see data/features.py), so a
+kill -9 loses at most the batch in flight; batches always start at multiples of --batch-size, so a resumed
+run computes exactly the same batches as an uninterrupted one (float32: identical bytes).
+"""
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import InputError
+from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
+from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
+from extract.inputs import Rows, check_output, gather_rows
+from extract.preprocess import MAX_PIXELS, error_category
+
+
+class RunStopped(Exception):
+    """The run stopped cleanly (e.g. disk full); committed rows are kept and a rerun resumes."""
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of one extraction run (saved as JSON in the store's `config` attr)."""
+
+    out: str  # the feature store to write (HDF5)
+    paths: list[str] = field(default_factory=list)  # image files / folders / globs (instead of captions)
+    images: list[str] = field(default_factory=list)  # images roots, looked up in turn
+    captions: list[str] = field(default_factory=list)  # caption files; rows = their annotated images
+    caption_format: str = "auto"  # auto | coco | karpathy | flickr8k
+    split_scheme: str = "auto"  # data.splits scheme (rows are all splits; kept for the record)
+    cnn_weights: str = "imagenet"  # imagenet | none | weights file | slim:<ckpt>
+    image_size: int = 299  # crop size S; resize is round(S * 346 / 299)
+    batch_size: int = 32  # images per CNN call (and per commit)
+    dtype: str = "float16"  # stored feature dtype: float16 | float32
+    views: int = 1  # 1 eval view + (views - 1) distorted training views
+    shard: int = 0  # this shard, 0 <= shard < num_shards
+    num_shards: int = 1  # rows i with i % num_shards == shard are extracted
+    seed: int = 0  # random init (--cnn-weights none) and the distorted views
+    max_pixels: int = MAX_PIXELS  # larger images are refused as decompression bombs
+    progress: bool = True  # show a tqdm bar
+
+
+@dataclass
+class ExtractResult:
+    """What a run did, for the summary line."""
+
+    out: str
+    total: int  # rows in this store
+    done_now: int  # rows committed by this run
+    skipped: int  # rows already in the file (resumed)
+    failed: Counter  # failed rows of the whole store by reason category
+    seconds: float
+    file_bytes: int
+    already_complete: bool = False
+
+    def summary(self) -> str:
+        """One line: done, skipped, failed with reasons, throughput, file size."""
+        n_failed = sum(self.failed.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items()))
+        rate = self.done_now / self.seconds if self.seconds > 0 else 0.0
+        return (f"extract: {self.total} images | done {self.done_now}"
+                f" | skipped {self.skipped} (already in file)"
+                f" | failed {n_failed}{f' ({reasons})' if reasons else ''} | {rate:.1f} img/s"
+                f" | {self.file_bytes / 1e6:.1f} MB {self.out}")
+
+
+def _check_config(cfg: ExtractConfig) -> None:
+    if cfg.dtype not in ("float16", "float32"):
+        raise InputError(f"--dtype {cfg.dtype} is not float16 or float32.")
+    if cfg.views < 1:
+        raise InputError(f"--views {cfg.views} must be at least 1.")
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size {cfg.batch_size} must be at least 1.")
+    if cfg.num_shards < 1 or not 0 <= cfg.shard < cfg.num_shards:
+        raise InputError(f"--shard {cfg.shard} must be in 0..{cfg.num_shards - 1} "
+                         f"(--num-shards {cfg.num_shards}).")
+
+
+def inputs_digest(keys, image_ids) -> str:
+    """Hex SHA-256 of the full (unsharded) row list: keys and image ids in order."""
+    digest = hashlib.sha256()
+    for key, image_id in zip(keys, image_ids, strict=True):
+        digest.update(f"{key}\t{int(image_id)}\n".encode())
+    return digest.hexdigest()
+
+
+def run_identity(cfg: ExtractConfig, rows: Rows, spec: CNNSpec, shard: int, num_shards: int) -> dict:
+    """The fields that must match for a rerun to continue a file (JSON-able)."""
+    return {"inputs": inputs_digest(rows.keys, rows.image_ids), "total_rows": len(rows), "shard": shard,
+            "num_shards": num_shards, "dtype": cfg.dtype, "views": cfg.views, "seed": cfg.seed,
+            "cnn": {k: v for k, v in spec.to_dict().items()}}
+
+
+def run_id(identity: dict) -> str:
+    """Hex SHA-256 of a run identity (for a quick look with h5dump)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    names = {"inputs": "images (the list of rows)", "total_rows": "number of images", "shard": "--shard",
+             "num_shards": "--num-shards", "dtype": "--dtype", "views": "--views", "seed": "--seed"}
+    out = [names.get(k, k) for k in new if k != "cnn" and old.get(k) != new[k]]
+    old_cnn, new_cnn = old.get("cnn", {}), new["cnn"]
+    for k in new_cnn:
+        if old_cnn.get(k) != new_cnn[k] and (k != "fingerprint" or new_cnn[k]):
+            out.append({"weights": "--cnn-weights", "image_size": "--image-size"}.get(k, f"CNN {k}"))
+    return out
+
+
+def _check_same_run(path: Path, old: dict, new: dict) -> None:
+    diff = _differences(old, new)
+    if diff:
+        raise InputError(f"{path} was written by a different extract command (differs in: {', '.join(diff)});"
+                         " use another --out or delete the file.")
+
+
+def _existing_run(path: Path) -> tuple[dict | None, bool]:
+    """(run identity, complete) of an existing store at `path`; (None, False) when there is none."""
+    if not path.exists():
+        return None, False
+    try:
+        with open_store(path, require_complete=False) as store:
+            return dict(store.attrs.get("run") or {}), store.complete
+    except InputError as err:
+        raise InputError(f"{path} exists and cannot be resumed: {err}") from None
+
+
+def _failed(errors: list[str], oks) -> Counter:
+    return Counter(error_category(e) for e, ok in zip(errors, oks, strict=True) if not ok)
+
+
+def _clean_stale_tmp(path: Path) -> None:
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
+
+
+def _check_space(path: Path, n: int, cfg: ExtractConfig) -> None:
+    need = n * cfg.views * FEATURE_DIM * np.dtype(cfg.dtype).itemsize + n * 400 + (1 << 20)
+    import shutil
+
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise InputError(f"not enough disk space for {path}: needs {need / 1e6:.1f} MB, "
+                         f"{free / 1e6:.1f} MB free.")
+
+
+_BUILT: dict = {}  # the last encoders built in this process, keyed by CNN block (+ weights file mtime)
+_KEEP = 2
+
+
+def _build(spec: CNNSpec):
+    """(infer, spec with fingerprint). GPU: mixed_float16 compute, MirroredStrategy over several GPUs.
+
+    The last two encoders are kept in memory, so several extractions in one process (demo, tests) build
+    each once.
+    """
+    weights_path = spec.weights.removeprefix("slim:")
+    mtime = os.path.getmtime(weights_path) if os.path.isfile(weights_path) else None
+    key = json.dumps([spec.to_dict(), mtime], sort_keys=True)
+    if key not in _BUILT:
+        built = _build_new(spec)
+        while len(_BUILT) >= _KEEP:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = built
+    return _BUILT[key]
+
+
+def _build_new(spec: CNNSpec):
+    import keras
+
+    from extract.encoder import encoder_and_spec
+    from extract.pipeline import devices, make_infer
+
+    gpus, strategy = devices()
+    previous = keras.mixed_precision.dtype_policy()
+    if gpus:
+        keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model, spec = encoder_and_spec(spec)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+    return make_infer(model, strategy), spec
+
+
+def _static_attrs(cfg: ExtractConfig, spec: CNNSpec, identity: dict, rows: Rows, total: int) -> dict:
+    s, r = spec.image_size, spec.resize_size
+    return {"cnn": spec.to_dict(), "cnn_arch": spec.arch, "cnn_weights": spec.weights,
+            "cnn_fingerprint": spec.fingerprint, "image_size": s, "resize_size": r,
+            "resize_policy": f"resize {r}x{r} bilinear (aspect not kept), crop {s}x{s}, scale to [-1, 1]"
+            + (f"; views 1..{cfg.views - 1}: random crop, flip, colour jitter" if cfg.views > 1 else ""),
+            "run": identity, "run_id": run_id(identity),
+            "shard": cfg.shard, "num_shards": cfg.num_shards, "total_rows": total, "source": rows.source,
+            "config": asdict(cfg), "created_by": f"showtell extract ({FORMAT_NAME})"}
+
+
+def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNSpec) -> int:
+    from tqdm import tqdm
+
+    from extract.pipeline import make_dataset
+
+    start = writer.rows_done
+    ds = make_dataset(rows.files, rows.keys, start, image_size=spec.image_size, views=cfg.views,
+                      seed=cfg.seed, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels)
+    bar = tqdm(total=len(rows), initial=start, unit="img", disable=not cfg.progress, dynamic_ncols=True,
+               desc="extract", smoothing=0.1)
+    row, failed = start, 0
+    try:
+        for images, ok, errors in ds:
+            ok = ok.numpy()
+            n = len(ok)
+            x = images.numpy().reshape((-1,) + tuple(images.shape[-3:]))
+            feats = infer(x).reshape((n, cfg.views, -1) if cfg.views > 1 else (n, -1))
+            feats[~ok] = 0.0
+            try:
+                writer.commit(row, feats, ok, [e.decode("utf-8", "replace") for e in errors.numpy()])
+            except OSError as err:
+                raise RunStopped(f"writing {writer.path} failed at row {row} ({err}); {row} rows are saved, "
+                                 "free some space and rerun the same command to resume.") from None
+            row += n
+            bar.update(n)
+            failed += int(n - ok.sum())
+            bar.set_postfix(failed=failed, refresh=False)
+    finally:
+        bar.close()
+    return row - start
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    """Extract features for every row into `cfg.out` (resuming a run of the same command)."""
+    _check_config(cfg)
+    out = check_output(cfg.out)
+    rows_all = gather_rows(cfg.paths, cfg.images, cfg.captions, cfg.caption_format, cfg.split_scheme)
+    rows = rows_all.shard(cfg.shard, cfg.num_shards) if cfg.num_shards > 1 else rows_all
+    if not len(rows):
+        raise InputError(f"shard {cfg.shard} of {cfg.num_shards} has no images ({len(rows_all)} in all).")
+    spec = CNNSpec(weights=cfg.cnn_weights, seed=cfg.seed, image_size=cfg.image_size)
+    check_spec(spec)
+    identity = run_identity(cfg, rows_all, spec, cfg.shard, cfg.num_shards)
+    old, complete = _existing_run(out)
+    if old is not None:
+        _check_same_run(out, old, identity)
+    _clean_stale_tmp(out)
+    infer, spec = _build(spec)
+    identity["cnn"] = spec.to_dict()
+    t0 = time.perf_counter()
+    if old is not None:
+        _check_same_run(out, old, identity)
+        if complete:
+            with open_store(out) as store:
+                failed = _failed(store.errors, store.ok)
+                return ExtractResult(str(out), len(store), 0, len(store), failed, 0.0, os.path.getsize(out),
+                                     already_complete=True)
+        writer = StoreWriter(out)
+    else:
+        _check_space(out, len(rows), cfg)
+        try:
+            attrs = _static_attrs(cfg, spec, identity, rows, len(rows_all))
+            writer = create_store(out, rows.keys, rows.image_ids, dim=FEATURE_DIM, views=cfg.views,
+                                  dtype=cfg.dtype, attrs=attrs)
+        except OSError as err:
+            raise InputError(f"cannot create {out}: {err}") from None
+    with writer:
+        skipped = writer.rows_done
+        done = _loop(writer, rows, infer, cfg, spec) if skipped < len(rows) else 0
+        if writer.rows_done == len(rows):
+            writer.finish()
+        failed = _failed(writer.errors_done(), writer.ok_done())
+    return ExtractResult(str(out), len(rows), done, skipped, failed, time.perf_counter() - t0,
+                         os.path.getsize(out), already_complete=skipped == len(rows))

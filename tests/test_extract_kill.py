@@ -1,0 +1,61 @@
+"""A real `kill -9` of a running `python cli.py extract`, then a rerun: same bytes as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+from test_preprocess import make_good_images
+
+from data.features import open_store
+from extract.run import ExtractConfig, run_extract
+
+N, BATCH = 24, 2
+
+
+def _rows_done(path) -> int:
+    """rows_done of a store another process is writing (-1 while it cannot be read yet)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs["rows_done"])
+    except (OSError, KeyError):
+        return -1
+
+
+@pytest.mark.slow
+def test_kill9_mid_run_then_rerun_equals_uninterrupted_run(tmp_path, repo_root):
+    images = tmp_path / "imgs"
+    make_good_images(images, n=N, size=(60, 50))
+    out = tmp_path / "f.h5"
+    args = [str(images), "--out", str(out), "--cnn-weights", "none", "--image-size", "75",
+            "--batch-size", str(BATCH), "--dtype", "float32"]
+    env = dict(os.environ, PYTHONPATH=str(repo_root), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, str(repo_root / "cli.py"), "extract", *args, "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    killed_at, deadline = -1, time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and _rows_done(out) >= 2 * BATCH:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = _rows_done(out)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    output = proc.stdout.read().decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode}): {output[-2000:]}"
+    assert 0 < killed_at < N
+    with open_store(out, require_complete=False) as part:  # readable, not corrupt, not complete
+        assert not part.complete and BATCH <= part.rows_done < N and part.rows_done % BATCH == 0
+        done_before = part.rows_done
+    cfg = ExtractConfig(out=str(out), paths=[str(images)], cnn_weights="none", image_size=75,
+                        batch_size=BATCH, dtype="float32", progress=False)
+    resumed = run_extract(cfg)
+    assert resumed.skipped == done_before and resumed.done_now == N - done_before
+    reference = run_extract(ExtractConfig(**{**cfg.__dict__, "out": str(tmp_path / "ref.h5")}))
+    assert reference.done_now == N
+    with open_store(out) as a, open_store(tmp_path / "ref.h5") as b:
+        assert a.keys == b.keys and a.ok.all() and b.ok.all()
+        assert a.read_features().tobytes() == b.read_features().tobytes()
+        assert a.attrs["run"] == b.attrs["run"] and a.attrs["n_failed"] == 0
