@@ -41,7 +41,387 @@ def main():
     """
 
 
-# ---- commands (each lands with its issue) ---------------------------------------------------------------
+# ---- options shared by the commands that read caption files ---------------------------------------------
+_FORMATS = ("auto", "coco", "karpathy", "flickr8k")  # data.captions.FORMATS plus auto
+_SCHEMES = ("auto", "karpathy", "im2txt", "hash", "none")  # data.splits.SPLIT_SCHEMES
+
+
+def caption_options(required: bool, captions_help: str, scheme_help: str):
+    """--captions (repeatable), --format and --split-scheme, in that order (see "Captions, splits")."""
+
+    def decorate(command):
+        for option in reversed([
+            click.option("--captions", required=required, multiple=True, help=captions_help),
+            click.option("--format", "caption_format", default="auto", show_default=True,
+                         type=click.Choice(_FORMATS), help="Caption file format (auto: from the content)."),
+            click.option("--split-scheme", default="auto", show_default=True, type=click.Choice(_SCHEMES),
+                         help=scheme_help),
+        ]):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_CAPTION_FILES = "Caption file (repeatable): COCO json, Karpathy dataset_*.json or Flickr8k token file."
+_TRAIN_SPLIT = "Split scheme: train on its train part, validate on its val part."
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+
+
+@main.command("import-im2txt")
+@click.option("--checkpoint", required=True,
+              help="im2txt checkpoint: the prefix PATH/model.ckpt-N (or its .index file, or a train dir).")
+@click.option("--vocab", required=True, help="The word_counts.txt the checkpoint was trained with.")
+@click.option("--out", required=True, help="Model dir to write (config.json, weights, word_counts.txt).")
+@click.option("--cnn-weights", default=None,
+              help="Only for a checkpoint without InceptionV3/ variables: imagenet, none, a Keras weights "
+                   "file or slim:PATH/inception_v3.ckpt.")
+@click.option("--image-size", default=299, show_default=True, type=int,
+              help="CNN input size recorded in the model dir (im2txt: 299).")
+def import_im2txt_command(checkpoint, vocab, out, cnn_weights, image_size):
+    """Convert an im2txt (TF1) checkpoint and its word_counts.txt into a showtell model dir.
+
+    The decoder (all im2txt LSTM naming variants) and the checkpoint's TF-slim InceptionV3 (written as
+    cnn.weights.h5) are converted; `caption` and `evaluate` then use the model dir as usual.
+    """
+    from decoder.im2txt_import import import_im2txt
+
+    report = import_im2txt(checkpoint, vocab, out, cnn_weights=cnn_weights, image_size=image_size)
+    click.echo(f"{report.summary()} -> {out}")
+
+
+@main.command("extract")
+@click.argument("paths", nargs=-1)
+@click.option("--out", required=True, help="Feature store to write (HDF5, e.g. features.h5); rerun resumes.")
+@click.option("--images", multiple=True,
+              help="Images root (repeatable, looked up in turn; e.g. COCO with train2014/ val2014/).")
+@caption_options(False, "Caption file (repeatable): rows = every annotated image of all splits.",
+                 "Split scheme of the caption files (every split is extracted).")
+@click.option("--cnn-weights", default="imagenet", show_default=True,
+              help="imagenet (Keras download), none (seeded random, tests), a .weights.h5 file or slim:CKPT.")
+@click.option("--image-size", default=299, show_default=True, type=int,
+              help="CNN input size S (>= 75); images are resized to round(S*346/299) and centre-cropped.")
+@click.option("--batch-size", default=32, show_default=True, type=int,
+              help="Images per CNN call and commit.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Stored feature dtype.")
+@click.option("--views", default=1, show_default=True, type=int,
+              help="Views per image: 1 central crop + V-1 distorted training views (crop, flip, colour).")
+@click.option("--shard", default=0, show_default=True, type=int, help="This shard K (0-based).")
+@click.option("--num-shards", default=1, show_default=True, type=int,
+              help="Split the images into N deterministic shards (row i -> shard i % N); see merge-features.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the random CNN (--cnn-weights none) and of the distorted views.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def extract_command(paths, out, images, captions, caption_format, split_scheme, cnn_weights, image_size,
+                    batch_size, dtype, views, shard, num_shards, seed, no_progress):
+    """Extract frozen InceptionV3 features for every image into an HDF5 feature store.
+
+    Give image PATHS (files, folders, globs), or --images DIR with --captions FILE. Broken images are
+    kept as rows with ok=False and the reason in /errors. Rerunning the same command resumes.
+    """
+    from extract.run import ExtractConfig, RunStopped, run_extract
+
+    cfg = ExtractConfig(out=out, paths=list(paths), images=list(images), captions=list(captions),
+                        caption_format=caption_format, split_scheme=split_scheme, cnn_weights=cnn_weights,
+                        image_size=image_size, batch_size=batch_size, dtype=dtype, views=views, shard=shard,
+                        num_shards=num_shards, seed=seed, progress=not no_progress)
+    try:
+        result = run_extract(cfg)
+    except RunStopped as err:
+        click.echo(f"Stopped: {err}", err=True)
+        raise SystemExit(1) from None
+    click.echo(result.summary())
+
+
+@main.command("merge-features")
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--out", required=True, help="The merged feature store to write.")
+def merge_features_command(shards, out):
+    """Merge the shard stores of `extract --shard K --num-shards N` into one store (refuses mismatches)."""
+    from extract.merge import merge_shards
+
+    click.echo(merge_shards(list(shards), out))
+
+
+@main.command("train-decoder")
+@click.option("--features", required=True, help="Feature store written by extract (features.h5).")
+@caption_options(True, _CAPTION_FILES, _TRAIN_SPLIT)
+@click.option("--model-dir", required=True, help="Output model dir; rerunning the same command resumes.")
+@click.option("--steps", type=int, default=None, help="Run length in optimizer steps (wins over --epochs).")
+@click.option("--epochs", type=float, default=None,
+              help="Run length in epochs (one epoch = every training (image, caption) pair once).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs).")
+@click.option("--embedding-size", type=int, default=512, show_default=True,
+              help="Width of the image and word embeddings.")
+@click.option("--lstm-units", type=int, default=512, show_default=True, help="LSTM state size.")
+@click.option("--feature-norm", type=click.Choice(["none", "standardize"]), default="none", show_default=True,
+              help="standardize: (f - mean) / std per dimension from the training features (for "
+                   "--cnn-weights none stores); none: im2txt's raw features.")
+@click.option("--vocab", default=None, help="Use this word_counts.txt instead of building one.")
+@click.option("--min-word-count", type=int, default=4, show_default=True,
+              help="Building the vocabulary: words seen fewer times in training captions become <UNK>.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
+              help="sgd: im2txt's recipe (lr 2.0, x0.5 every 8 epochs); adam: Keras defaults (lr 0.001).")
+@click.option("--learning-rate", type=float, default=None,
+              help="Initial learning rate (default: per optimizer).")
+@click.option("--clip-gradients", type=float, default=5.0, show_default=True,
+              help="Global-norm gradient clip (0: off).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of init, shuffles, views and dropout (deterministic on CPU).")
+@click.option("--eval-every", type=int, default=1000, show_default=True,
+              help="Validation perplexity every N steps (and at each epoch end).")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True,
+              help="Checkpoint every N steps (keeps the last 5, plus the best by validation).")
+@click.option("--max-val-pairs", type=int, default=None, help="Validate on at most this many pairs.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]),
+              default="float32", show_default=True, help="mixed_float16 speeds up GPUs (dynamic loss scale).")
+@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Hold the features in RAM (auto: when they fit) or stream them from the file.")
+@click.option("--overwrite", is_flag=True,
+              help="Start afresh in a model dir that holds another configuration.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_decoder_command(features, captions, caption_format, split_scheme, model_dir, steps, epochs,
+                          batch_size, embedding_size, lstm_units, feature_norm, vocab, min_word_count,
+                          optimizer, learning_rate, clip_gradients, seed, eval_every, checkpoint_every,
+                          max_val_pairs, precision, in_memory, overwrite, no_progress):
+    """Train the Show and Tell decoder (projection, embeddings, LSTM, logits) from cached features.
+
+    Recipe: im2txt phase 1 (SGD 2.0, clip 5.0, x0.5 every 8 epochs, batch 32). Uses every local GPU
+    (MirroredStrategy) or the machines of TF_CONFIG (MultiWorkerMirroredStrategy).
+    """
+    from data.pipeline import PipelineConfig
+    from decoder.config import TrainConfig
+    from decoder.train_decoder import DataConfig, train_decoder
+
+    data = DataConfig(features=features, captions=list(captions), caption_format=caption_format,
+                      split_scheme=split_scheme, vocab=vocab,
+                      min_word_count=min_word_count)
+    train = TrainConfig(batch_size=batch_size, optimizer=optimizer, learning_rate=learning_rate,
+                        clip_gradients=clip_gradients, epochs=epochs, steps=steps, seed=seed,
+                        eval_every=eval_every, checkpoint_every=checkpoint_every, max_val_pairs=max_val_pairs,
+                        precision=precision)
+    result = train_decoder(data, model_dir, train, embedding_size=embedding_size, lstm_units=lstm_units,
+                           feature_norm=feature_norm,
+                           pipeline=PipelineConfig(in_memory=in_memory), overwrite=overwrite,
+                           progress=not no_progress, log=lambda m: click.echo(m, err=True))
+    click.echo(f"step {result.step}, epoch {result.epoch:.2f}: val perplexity {result.val_perplexity:.3f} "
+               f"(best {result.best_val_perplexity:.3f}) -> {model_dir}")
+
+
+@main.command("caption")
+@click.argument("paths", nargs=-1)
+@click.option("--model-dir", required=True,
+              help="Trained model dir (train-decoder, finetune or import-im2txt).")
+@click.option("--features", default=None, help="Caption rows of this feature store instead of image PATHS.")
+@click.option("--keys", multiple=True, help="With --features: only these store keys (repeatable).")
+@click.option("--top", default=3, show_default=True, type=int, help="Captions printed per image.")
+@click.option("--json", "json_out", default=None,
+              help="Write COCO results JSON [{image_id, caption, file_name}] with each image's best caption.")
+@click.option("--beam-size", default=3, show_default=True, type=int,
+              help="Beam size (1 = greedy; im2txt: 3).")
+@click.option("--max-length", default=20, show_default=True, type=int,
+              help="Most tokens per caption, counting <S> and </S> (im2txt: 20).")
+@click.option("--length-normalization", default=0.0, show_default=True, type=float,
+              help="alpha: complete captions scored logprob / len**alpha (im2txt: 0).")
+@click.option("--no-repeat-ngram", default=0, show_default=True, type=int,
+              help="Never repeat an n-gram of this size within a caption (0 = off).")
+@click.option("--suppress-unk", is_flag=True, help="Never emit <UNK>.")
+@click.option("--sample", is_flag=True, help="Sample captions instead of beam search.")
+@click.option("--num-samples", default=1, show_default=True, type=int, help="--sample: captions per image.")
+@click.option("--temperature", default=1.0, show_default=True, type=float,
+              help="--sample: softmax temperature (<1 sharper, >1 more varied).")
+@click.option("--top-k", default=0, show_default=True, type=int,
+              help="--sample: draw only among the k most likely words (0 = all).")
+@click.option("--seed", default=0, show_default=True, type=int, help="--sample: random seed.")
+@click.option("--batch-size", default=32, show_default=True, type=int,
+              help="Images per CNN and search batch.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, max_length,
+                    length_normalization, no_repeat_ngram, suppress_unk, sample, num_samples, temperature,
+                    top_k, seed, batch_size, no_progress):
+    """Caption images (PATHS: files, folders, globs) or cached features (--features) with a model dir.
+
+    Prints each image's top captions with p = exp(logprob), like im2txt's run_inference. Bad images are
+    reported and skipped; the exit status is 1 only when no image could be captioned.
+    """
+    import math
+
+    from beam import SearchConfig
+    from decoder.captioner import Captioner, caption_files, caption_store, write_results_json
+    from extract.inputs import check_output
+
+    if bool(paths) == bool(features):
+        raise InputError("give either image PATHS or --features FILE.h5 (one of them).")
+    if keys and not features:
+        raise InputError("--keys selects rows of a feature store: it needs --features.")
+    if top < 1 or batch_size < 1:
+        raise InputError("--top and --batch-size must be at least 1.")
+    if json_out:
+        check_output(json_out)
+    search = SearchConfig(beam_size=beam_size, max_length=max_length,
+                          length_normalization=length_normalization, no_repeat_ngram=no_repeat_ngram,
+                          suppress_unk=suppress_unk, sample=sample, num_samples=num_samples,
+                          temperature=temperature, top_k=top_k, seed=seed)
+    captioner = Captioner(model_dir, search)
+    progress = not no_progress
+    if features:
+        run = caption_store(captioner, features, keys, batch_size=batch_size, progress=progress)
+    else:
+        run = caption_files(captioner, paths, batch_size=batch_size, progress=progress)
+    for item in run.results:
+        if item.error:
+            click.echo(f"Skipped {item.key}: {item.error}", err=True)
+            continue
+        click.echo(f"Captions for image {item.key}:")
+        for i, (cap, text) in enumerate(zip(item.captions[:top], item.texts[:top], strict=True)):
+            click.echo(f"  {i}) {text} (p={math.exp(cap.logprob):f})")
+    if json_out:
+        write_results_json(run, json_out)
+    click.echo(run.summary() + (f" -> {json_out}" if json_out else ""))
+    if run.n_ok == 0:
+        raise SystemExit(1)
+
+
+@main.command("finetune")
+@click.option("--model-dir", required=True,
+              help="Trained model dir (train-decoder, import-im2txt or finetune): the starting point.")
+@click.option("--images", required=True, multiple=True,
+              help="Images root (repeatable, looked up in turn) holding the caption file's image paths.")
+@caption_options(True, _CAPTION_FILES, _TRAIN_SPLIT)
+@click.option("--out", required=True,
+              help="NEW model dir to write (cnn.weights.h5 + decoder); rerunning the same command resumes.")
+@click.option("--steps", type=int, default=None, help="Run length in optimizer steps (wins over --epochs).")
+@click.option("--epochs", type=float, default=None,
+              help="Run length in epochs (one epoch = every training (image, caption) pair once).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs).")
+@click.option("--trainable-blocks", type=int, default=None,
+              help="Train only the top N of InceptionV3's 11 mixed blocks (mixed10 down; 0 = CNN frozen). "
+                   "Default: the whole CNN.")
+@click.option("--image-size", type=int, default=None,
+              help="CNN input size (>= 75). Default: the model dir's CNN image size; smaller for a CPU.")
+@click.option("--learning-rate", type=float, default=0.0005, show_default=True,
+              help="Constant SGD learning rate (im2txt phase 2).")
+@click.option("--clip-gradients", type=float, default=5.0, show_default=True,
+              help="Global-norm gradient clip (0: off).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of shuffles, image distortions and dropout.")
+@click.option("--eval-every", type=int, default=1000, show_default=True,
+              help="Validation perplexity every N steps (and at each epoch end).")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True,
+              help="Checkpoint every N steps (keeps the last 3, ~90 MB each, plus the best by validation).")
+@click.option("--max-val-pairs", type=int, default=2000, show_default=True,
+              help="Validate on at most this many (image, caption) pairs (0: all).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+              default="auto", show_default=True, help="auto: mixed_float16 on a GPU, float32 on a CPU.")
+@click.option("--decode-threads", type=int, default=8, show_default=True,
+              help="Threads decoding image files for each batch.")
+@click.option("--overwrite", is_flag=True,
+              help="Start afresh in an --out dir that holds another run.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def finetune_command(model_dir, images, captions, caption_format, split_scheme, out, steps, epochs,
+                     batch_size, trainable_blocks, image_size, learning_rate, clip_gradients, seed,
+                     eval_every, checkpoint_every, max_val_pairs, precision, decode_threads, overwrite,
+                     no_progress):
+    """Fine-tune the CNN and the decoder of a trained model dir end-to-end on images (im2txt phase 2).
+
+    Recipe: SGD lr 0.0005 constant, clip 5.0, batch 32; training distortions (random crop, flip, colour
+    jitter); batch norm in inference mode (moving statistics frozen). Writes a NEW model dir with
+    cnn.weights.h5 and its fingerprint: `caption` uses it, `extract --cnn-weights OUT/cnn.weights.h5`
+    re-extracts features with it. Same training loop as train-decoder (checkpoints, resume, GPUs).
+    """
+    from decoder.finetune import FinetuneConfig, finetune, phase2_recipe, resolve_precision
+
+    cfg = FinetuneConfig(model_dir=model_dir, images=list(images), captions=list(captions),
+                         caption_format=caption_format, split_scheme=split_scheme,
+                         trainable_blocks=trainable_blocks, image_size=image_size,
+                         decode_threads=decode_threads)
+    train = phase2_recipe(batch_size=batch_size, learning_rate=learning_rate, clip_gradients=clip_gradients,
+                          epochs=epochs, steps=steps, seed=seed, eval_every=eval_every,
+                          checkpoint_every=checkpoint_every, max_val_pairs=max_val_pairs,
+                          precision=resolve_precision(precision))
+    result = finetune(cfg, out, train, overwrite=overwrite, progress=not no_progress,
+                      log=lambda m: click.echo(m, err=True))
+    click.echo(f"step {result.step}, epoch {result.epoch:.2f}: val perplexity {result.val_perplexity:.3f} "
+               f"(best {result.best_val_perplexity:.3f}) -> {out}")
+
+
+@main.command("evaluate")
+@click.option("--model-dir", required=True,
+              help="Trained model dir (train-decoder, finetune or import-im2txt).")
+@click.option("--features", default=None,
+              help="Feature store of the split's images (same CNN as the model dir); or give --images.")
+@click.option("--images", multiple=True,
+              help="Images root (repeatable): without --features the CNN runs on the split's images; with "
+                   "--features only the report's thumbnails come from here.")
+@caption_options(True, "Caption file(s) holding the split and ALL its reference captions (repeatable).",
+                 "Split scheme (none: every image).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="The split to evaluate.")
+@click.option("--out-dir", default=None,
+              help="Folder of results.json and metrics.json [MODEL_DIR/eval-SPLIT].")
+@click.option("--results", default=None,
+              help="COCO results JSON [{image_id, caption}] [OUT_DIR/results.json].")
+@click.option("--metrics", default=None,
+              help="Metrics JSON (corpus + per-image scores) [OUT_DIR/metrics.json].")
+@click.option("--report", default=None,
+              help="Also write this self-contained HTML page: every image, worst CIDEr first.")
+@click.option("--beam-size", default=3, show_default=True, type=int,
+              help="Beam size (1 = greedy; im2txt: 3).")
+@click.option("--max-length", default=20, show_default=True, type=int,
+              help="Most tokens per caption, counting <S> and </S> (im2txt: 20).")
+@click.option("--length-normalization", default=0.0, show_default=True, type=float,
+              help="alpha: complete captions scored logprob / len**alpha (im2txt: 0).")
+@click.option("--batch-size", default=64, show_default=True, type=int,
+              help="Images per CNN and search batch.")
+@click.option("--max-images", default=None, type=int, help="Evaluate only the first N images of the split.")
+@click.option("--java", "java", default="auto", show_default=True, type=click.Choice(["auto", "yes", "no"]),
+              help="PTB tokenizer + METEOR need java: auto (when on the PATH), yes (require it), no (never).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+def evaluate_command(model_dir, features, images, captions, caption_format, split_scheme, split, out_dir,
+                     results, metrics, report, beam_size, max_length, length_normalization, batch_size,
+                     max_images, java, no_progress):
+    """Score a model dir on one split: perplexity, beam-search captions, BLEU-1..4/METEOR/ROUGE-L/CIDEr.
+
+    Captions are scored against ALL reference captions of each image with pycocoevalcap's scorers. Prints
+    the table; writes the COCO results JSON, the metrics JSON and (--report) an HTML error-analysis page.
+    """
+    from beam import SearchConfig
+    from decoder.evaluate import EvalConfig, run_evaluate
+
+    cfg = EvalConfig(model_dir=model_dir, captions=list(captions), features=features, images=list(images),
+                     caption_format=caption_format, split_scheme=split_scheme, split=split, out_dir=out_dir,
+                     results=results, metrics=metrics, report=report, batch_size=batch_size,
+                     max_images=max_images, use_java={"auto": "auto", "yes": True, "no": False}[java],
+                     progress=not no_progress)
+    search = SearchConfig(beam_size=beam_size, max_length=max_length,
+                          length_normalization=length_normalization)
+    result = run_evaluate(cfg, search, log=lambda m: click.echo(m, err=True))
+    click.echo(result.table)
+    click.echo(result.summary())
+
+
+@main.command("demo")
+@click.option("--workdir", default="demo_run", show_default=True,
+              help="Folder for the generated data, features, model and reports; rerunning resumes.")
+@click.option("--preset", default="full", show_default=True, type=click.Choice(["full", "tiny"]),
+              help="full: the real demo (~2-3 min on 2 CPU cores); tiny: fewer images and steps (~1 min).")
+@click.option("--fresh", is_flag=True,
+              help="Remove what an earlier demo wrote in the workdir and start over.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+def demo_command(workdir, preset, fresh, no_progress):
+    """Run the whole pipeline on generated coloured shapes: extract -> train-decoder -> caption -> evaluate.
+
+    Prints each step's equivalent command line (copy them for real data) and ends with captions of
+    held-out test images next to their references, and BLEU-4/CIDEr on the test split. Uses a random CNN
+    (--cnn-weights none): real captions need ImageNet weights and COCO.
+    """
+    from decoder.demo import DemoConfig, run_demo
+
+    run_demo(workdir, DemoConfig.preset(preset), fresh=fresh, progress=not no_progress, echo=click.echo,
+             log=lambda m: click.echo(m, err=True))
 
 
 if __name__ == "__main__":

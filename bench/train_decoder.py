@@ -1,0 +1,231 @@
+"""Benchmark of decoder training from the feature cache (CPU), at im2txt's sizes. One result per line.
+
+  1. captions/s of the real train step (pipeline + `decoder.train` step: SGD, clip, bucketing, logits only
+     at real positions) on real-length captions (COCO val2017 caption lengths when ../shared/data exists);
+  2. model FLOP utilisation = that step's useful FLOP/s (real words only) / this machine's dense float32
+     matmul FLOP/s measured in the same run;
+  3. captions/s of an im2txt-style step (frozen InceptionV3 on the batch's 299 px images, then the same
+     decoder step) and the cache speed-up;
+  4. peak memory of a process holding a 120k-image float16 store in memory (synthetic);
+headline last: the speed-up of training from the cache over im2txt's step.
+
+Run: `.venv/bin/python bench/train_decoder.py [--rounds 8] [--skip-memory] [--xla]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from data.features import create_store  # noqa: E402
+from data.pipeline import FeatureSource, PairBatches, PairSet, PipelineConfig  # noqa: E402
+from decoder.config import ModelConfig, TrainConfig  # noqa: E402
+from decoder.model import build_decoder  # noqa: E402
+from decoder.train import DecoderTrainable, _Loop  # noqa: E402
+
+V, E, U, D, B = 12000, 512, 512, 2048, 32
+COCO = REPO.parent / "shared" / "data" / "captions_val2017.json"
+
+
+def caption_lengths(n: int, rng) -> tuple[np.ndarray, str]:
+    """n caption lengths in ids (words + <S> + </S>): sampled from COCO val2017 when available."""
+    if COCO.exists():
+        from data.tokenizer import tokenize
+
+        anns = json.loads(COCO.read_text())["annotations"]
+        pool = np.array([len(tokenize(a["caption"])) + 2 for a in anns])
+        return rng.choice(pool, n), f"COCO val2017 ({len(pool)} captions, mean {pool.mean():.2f} ids)"
+    pool = np.clip(rng.normal(13.3, 2.5, n).round(), 8, 50).astype(int)
+    return pool, "synthetic normal(13.3, 2.5)"
+
+
+def make_source(tmp: Path, n_images: int, rng) -> tuple[PairBatches, str]:
+    """A PairBatches over a real h5 store of random float16 features, 5 captions per image."""
+    writer = create_store(tmp / "bench.h5", [f"{i}.jpg" for i in range(n_images)], range(n_images), dim=D,
+                          views=1, dtype="float16", attrs={"cnn": {"arch": "InceptionV3"}})
+    with writer:
+        writer.commit(0, rng.normal(size=(n_images, D)).astype(np.float16), np.ones(n_images, bool),
+                      [""] * n_images)
+        writer.finish()
+    from data.features import open_store
+
+    store = open_store(tmp / "bench.h5")
+    lengths, where = caption_lengths(5 * n_images, rng)
+    caps = [rng.integers(3, V, size=n).astype(np.int32) for n in lengths]
+    pairs = PairSet(np.repeat(np.arange(n_images), 5), caps, lengths.astype(np.int32))
+    features = FeatureSource(store, PipelineConfig(), log=lambda m: None)
+    return PairBatches(pairs, features, B, seed=0), where
+
+
+def step_flops(mask: np.ndarray, batch: int) -> float:
+    """Useful training FLOPs of one batch (real words only; backward = 2x forward where dx is needed)."""
+    n = float(mask.sum())
+    image = 4 * D * E * batch  # fwd + dW (no gradient w.r.t. the frozen features)
+    lstm = (batch + n) * 6 * (E + U) * 4 * U  # input + recurrent matmuls, fwd + dW + dx
+    logits = n * 6 * U * V
+    return image + lstm + logits
+
+
+def matmul_rate(f, a, reps: int = 4) -> float:
+    """Dense float32 matmul FLOP/s of `reps` [n, n] @ [n, n] products."""
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a, a)
+    out.numpy()
+    return 2 * a.shape[0] ** 3 * reps / (time.perf_counter() - t)
+
+
+def decoder_steps(loop: _Loop, batches, plan, start: int, n: int) -> tuple[float, float, float]:
+    """Run n train steps from plan[start]: (seconds, captions, useful FLOPs)."""
+    caps = flops = 0.0
+    t0 = time.perf_counter()
+    for i in range(start, start + n):
+        batch = next(batches)
+        float(loop.train_step(batch, tf.constant(i, tf.int64))[0])
+        caps += len(plan[i])
+        flops += step_flops(batch["mask"].numpy(), len(plan[i]))
+    return time.perf_counter() - t0, caps, flops
+
+
+def make_batches(loop: _Loop, source: PairBatches, n: int):
+    """(iterator over the distributed train dataset of the first n batches, their plan)."""
+    plan = source.plan(0)[:n]
+    dist = tf.distribute.get_strategy().distribute_datasets_from_function(lambda ctx: source.dataset(plan, 0))
+    loop.compile(dist.element_spec)
+    return iter(dist), plan
+
+
+def time_decoder(loop: _Loop, batches, plan, rounds: int, per_round: int = 4):
+    """Interleaved rounds: matmul, `per_round` train steps, matmul. Returns (median MFU over rounds, best
+    captions/s, best useful FLOP/s, best matmul FLOP/s); each round's MFU divides by the mean of the two
+    matmul rates measured right around it (the machine is shared and noisy)."""
+    a = tf.random.normal([2048, 2048])
+    mm = tf.function(lambda x, y: tf.matmul(x, y))
+    mm(a, a).numpy()
+    i, ratios, best = 5, [], [0.0, 0.0, 0.0]
+    decoder_steps(loop, batches, plan, 0, i)  # warm-up
+    for _ in range(rounds):
+        before = matmul_rate(mm, a, 2)
+        dt, caps, flops = decoder_steps(loop, batches, plan, i, per_round)
+        after = matmul_rate(mm, a, 2)
+        i += per_round
+        ratios.append(flops / dt / ((before + after) / 2))
+        best = [max(best[0], caps / dt), max(best[1], flops / dt), max(best[2], before, after)]
+    return float(np.median(ratios)), *best
+
+
+def time_im2txt(loop: _Loop, batches, plan, start: int, rounds: int = 3) -> tuple[float, float]:
+    """Median over rounds of (cached-step captions/s / im2txt-style captions/s), each pair measured back
+    to back, and the best im2txt-style captions/s. The im2txt-style step runs the frozen InceptionV3
+    (299 px, inference) on the batch's images and then the same decoder step."""
+    import keras
+
+    cnn = keras.applications.InceptionV3(weights=None, include_top=False, pooling="avg",
+                                         input_shape=(299, 299, 3))
+    cnn.trainable = False
+    encode = tf.function(lambda x: cnn(x, training=False))
+    images = tf.random.uniform([B, 299, 299, 3], -1, 1)
+    encode(images).numpy()
+    i, ratios, best = start, [], 0.0
+    for _ in range(rounds):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        batch = dict(batch, features=encode(images[: len(plan[i])]))
+        float(loop.train_step(batch, tf.constant(i, tf.int64))[0])
+        im2txt = len(plan[i]) / (time.perf_counter() - t0)
+        dt, caps, _ = decoder_steps(loop, batches, plan, i + 1, 4)
+        i += 5
+        ratios.append(caps / dt / im2txt)
+        best = max(best, im2txt)
+    return float(np.median(ratios)), best
+
+
+MEMORY_CHILD = """
+import sys, numpy as np
+sys.path.insert(0, {repo!r})
+from data.features import open_store
+from data.pipeline import FeatureSource, PairBatches, PairSet, PipelineConfig
+def hwm():  # peak RSS of this process in kB (VmHWM; ru_maxrss would include the parent's, kept over exec)
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+base = hwm()
+store = open_store({path!r})
+src = FeatureSource(store, PipelineConfig(in_memory="yes"), log=lambda m: None)
+n = len(store.keys)
+rng = np.random.default_rng(0)
+lengths = rng.integers(8, 20, 5 * n).astype(np.int32)
+caps = [rng.integers(3, 12000, k).astype(np.int32) for k in lengths]
+pairs = PairSet(np.repeat(np.arange(n), 5), caps, lengths)
+pb = PairBatches(pairs, src, 32, 0)
+plan = pb.plan(0)
+for i, b in zip(range(50), pb.generator(plan, 0, 0, [0], 1)):
+    pass
+print(hwm() * 1024, base * 1024, src.array.nbytes)
+"""
+
+
+def peak_memory(tmp: Path, n_images: int = 120_000) -> tuple[int, int, int]:
+    """(peak RSS bytes, RSS after imports, feature bytes) of a child holding an n-image float16 store."""
+    path = tmp / "big.h5"
+    rng = np.random.default_rng(1)
+    writer = create_store(path, [f"{i}.jpg" for i in range(n_images)], range(n_images), dim=D, views=1,
+                          dtype="float16", attrs={"cnn": {"arch": "InceptionV3"}})
+    with writer:
+        step = 20_000
+        for s in range(0, n_images, step):
+            writer.commit(s, rng.normal(size=(min(step, n_images - s), D)).astype(np.float16),
+                          np.ones(min(step, n_images - s), bool), [""] * min(step, n_images - s))
+        writer.finish()
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD.format(repo=str(REPO), path=str(path))],
+                         capture_output=True, text=True, check=True)
+    peak, base, nbytes = map(int, out.stdout.split())
+    return peak, base, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved matmul/decoder timing rounds")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the 120k-image memory test")
+    parser.add_argument("--xla", action="store_true", help="XLA-compile the decoder step")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source, where = make_source(tmp, 2000, rng)
+        print(f"setup: vocab {V}, embedding {E}, lstm {U}, batch {B}, caption lengths from {where}, "
+              f"{tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads")
+        config = TrainConfig(batch_size=B, steps=1, jit_compile=args.xla)
+        trainable = DecoderTrainable(build_decoder(ModelConfig(vocab_size=V), seed=0))
+        loop = _Loop(trainable, config, tf.distribute.get_strategy(), decay_steps=0)
+        batches, plan = make_batches(loop, source, 5 + args.rounds * 4 + 15)
+        mfu, caps_s, flops_s, peak = time_decoder(loop, batches, plan, args.rounds)
+        print(f"dense matmul (2048^3 float32), best of the run: {peak / 1e9:.1f} GFLOP/s")
+        print(f"decoder train step from the cache, best round: {caps_s:.1f} captions/s, "
+              f"{flops_s / 1e9:.1f} useful GFLOP/s (real words only)")
+        print(f"model FLOP utilisation (decoder step / dense matmul, median of {args.rounds} interleaved "
+              f"rounds): {mfu:.3f} (target >= 0.70)")
+        speedup, im2txt = time_im2txt(loop, batches, plan, 5 + args.rounds * 4)
+        print(f"im2txt-style step (frozen InceptionV3 at 299 px + the same decoder step), best: "
+              f"{im2txt:.2f} captions/s")
+        if not args.skip_memory:
+            peak_rss, base_rss, nbytes = peak_memory(tmp)
+            print(f"120k-image float16 store in memory: features {nbytes / 2**20:.0f} MiB, peak RSS "
+                  f"{peak_rss / 2**20:.0f} MiB ({base_rss / 2**20:.0f} MiB after imports, 600k pairs)")
+        print(f"headline: training from the feature cache is {speedup:.1f}x faster than the im2txt-style "
+              f"step (median of 3 back-to-back pairs)")
+
+
+if __name__ == "__main__":
+    main()

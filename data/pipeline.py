@@ -1,0 +1,260 @@
+"""tf.data input for decoder training: (image row, caption) pairs, per-epoch shuffle, length bucketing.
+
+The pieces are small pure functions plus one `PairBatches` class:
+  `match_pairs` joins caption records with the feature store's rows (skipping `/ok`=false rows and captions
+  whose image is not in the store, counting both); `epoch_plan` orders one epoch's pairs into global batches
+  (seeded shuffle, then length bucketing inside pools of batches); `PairBatches` turns a plan into a
+  `tf.data.Dataset` of per-replica batches. Its `load_inputs` (features from memory or streamed from the h5
+  file, one view sampled per example) is the one method an image-based source (finetune) overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass
+class PipelineConfig:
+    """How batches are formed from the feature store and captions."""
+
+    bucket_width: int = 1  # caption lengths within one bucket of this width are batched together
+    pool_batches: int = 64  # bucketing sorts pools of this many batches by length (then shuffles batches)
+    in_memory: str = "auto"  # "auto" (hold the features in RAM when they fit), "yes" or "no" (stream h5)
+    memory_fraction: float = 0.5  # "auto": features fit when they take at most this share of available RAM
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of every field."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class PairSet:
+    """The (image row, caption) pairs of one split; captions as id arrays with `<S>` ... `</S>`."""
+
+    rows: np.ndarray  # int64 [P]: row of the pair's image in the feature store
+    captions: list  # P int32 arrays of ids (length >= 2)
+    lengths: np.ndarray  # int32 [P]: len of each id array
+    stats: dict = field(default_factory=dict)  # counts: captions, pairs, missing_image, bad_image, ...
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, n: int) -> PairSet:
+        """The first n pairs (same stats)."""
+        return PairSet(self.rows[:n], self.captions[:n], self.lengths[:n], dict(self.stats))
+
+
+def match_pairs(records, keys, ok, vocab) -> PairSet:
+    """Join caption records (`ImageRecord`s) with store rows by relative image path.
+
+    keys: list[str] the store's `/keys`; ok: bool [N]. Captions of images absent from the store are counted
+    in stats["missing_image"] (their paths' first few in stats["missing_examples"]); those of rows with
+    ok=False in stats["bad_image"]. Returns the pairs in record order.
+    """
+    index = {k: i for i, k in enumerate(keys)}
+    rows, caps = [], []
+    stats = {"images": 0, "captions": 0, "missing_image": 0, "bad_image": 0, "missing_examples": []}
+    for rec in records:
+        stats["images"] += 1
+        stats["captions"] += len(rec.captions)
+        row = index.get(rec.path)
+        if row is None:
+            stats["missing_image"] += len(rec.captions)
+            if len(stats["missing_examples"]) < 5:
+                stats["missing_examples"].append(rec.path)
+            continue
+        if not ok[row]:
+            stats["bad_image"] += len(rec.captions)
+            continue
+        for text in rec.captions:
+            rows.append(row)
+            caps.append(np.asarray(vocab.encode(text), np.int32))
+    stats["pairs"] = len(rows)
+    lengths = np.array([len(c) for c in caps], np.int32)
+    return PairSet(np.asarray(rows, np.int64), caps, lengths, stats)
+
+
+def epoch_plan(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, bucket_width: int = 1,
+               pool_batches: int = 64) -> list[np.ndarray]:
+    """One epoch's global batches: a list of int64 arrays of pair indices (every pair exactly once).
+
+    Shuffled with a generator seeded by (seed, epoch); pools of `pool_batches` batches are sorted by
+    bucketed length and cut into batches, then the batch order is shuffled.
+    """
+    rng = np.random.default_rng([seed, epoch, 11])
+    order = rng.permutation(len(lengths))
+    pool = max(1, pool_batches) * batch_size
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        buckets = lengths[chunk] // max(1, bucket_width)
+        chunk = chunk[np.argsort(buckets, kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+def eval_plan(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Validation batches: pairs sorted by length (little padding), deterministic."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_captions(captions: list, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Id arrays -> (input_seqs int32 [b, T], target_seqs int32 [b, T], mask float32 [b, T]).
+
+    T = max_len - 1; targets are the inputs shifted by one; padding is 0 with mask 0.
+    """
+    t = max(1, max_len - 1)
+    inputs = np.zeros((len(captions), t), np.int32)
+    targets = np.zeros((len(captions), t), np.int32)
+    mask = np.zeros((len(captions), t), np.float32)
+    for i, ids in enumerate(captions):
+        n = len(ids) - 1
+        inputs[i, :n] = ids[:-1]
+        targets[i, :n] = ids[1:]
+        mask[i, :n] = 1.0
+    return inputs, targets, mask
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (MemAvailable, else total physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class FeatureSource:
+    """Per-row features of the store: an in-memory array when it fits, else streamed from the h5 file."""
+
+    def __init__(self, store, config: PipelineConfig, log=print):
+        self.store = store
+        self.views = int(store.views)
+        need = int(store.nbytes_in_memory())
+        fits = need <= config.memory_fraction * available_memory()
+        self.in_memory = config.in_memory == "yes" or (config.in_memory == "auto" and fits)
+        self.array = store.read_features() if self.in_memory else None
+        how = "held in memory" if self.in_memory else "streamed from the file (they do not fit in memory)"
+        if config.in_memory == "no":
+            how = "streamed from the file (--no in-memory)"
+        log(f"features: {len(store.keys)} rows x {store.views} view(s) x {store.dim} ({store.dtype}), "
+            f"{need / 2**20:.0f} MiB, {how}")
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """rows: int64 [b] (any order, repeats allowed) -> features [b, D] or [b, V, D] (stored dtype)."""
+        if self.array is not None:
+            return self.array[rows]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        return np.asarray(self.store.read_features(uniq))[inverse]
+
+
+def feature_stats(features: FeatureSource, rows: np.ndarray, chunk: int = 4096) -> tuple:
+    """Per-dimension mean and inverse std of the features of `rows` (all views), for standardisation.
+
+    rows: int64 [R] store rows (duplicates are counted once). Returns (mean float32 [D], inv_std float32 [D]);
+    a dimension that is constant over these rows gets inv_std 0 (it carries no information).
+    """
+    rows = np.unique(rows)
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(rows), chunk):
+        block = np.asarray(features.rows(rows[start:start + chunk]), np.float64)
+        block = block.reshape(-1, block.shape[-1])
+        total = total + block.sum(0)
+        total_sq = total_sq + np.square(block).sum(0)
+        count += len(block)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - np.square(mean), 0.0))
+    inv_std = np.where(std > 1e-12 * max(float(np.abs(mean).max()), 1e-30), 1.0 / np.maximum(std, 1e-30), 0.0)
+    return mean.astype(np.float32), inv_std.astype(np.float32)
+
+
+class PairBatches:
+    """Batches of (features, caption) pairs for the training loop (the features-from-cache source).
+
+    Each element of a dataset is one replica's share of a global batch: {"features": float32 [b, D],
+    "input_seqs": int32 [b, T], "target_seqs": int32 [b, T], "mask": float32 [b, T],
+    "global_words": float32 [] (real target words in the whole global batch)}.
+    """
+
+    def __init__(self, pairs: PairSet, features: FeatureSource, batch_size: int, seed: int,
+                 config: PipelineConfig | None = None):
+        self.pairs, self.features, self.batch_size, self.seed = pairs, features, batch_size, seed
+        self.config = config or PipelineConfig()
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """The global batches of `epoch` (deterministic in seed and epoch)."""
+        return epoch_plan(self.pairs.lengths, self.batch_size, epoch, self.seed, self.config.bucket_width,
+                          self.config.pool_batches)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.plan(0))
+
+    def load_inputs(self, pair_idx: np.ndarray, rng: np.random.Generator | None) -> dict:
+        """Model inputs for pairs: {"features": float32 [b, D]}; one view sampled per example when V > 1
+        (rng None: view 0, for validation). Finetune overrides this to load images."""
+        feats = self.features.rows(self.pairs.rows[pair_idx])
+        if feats.ndim == 3:
+            views = rng.integers(0, feats.shape[1], len(pair_idx)) if rng is not None else 0
+            feats = feats[np.arange(len(pair_idx)), views]
+        return {"features": feats.astype(np.float32)}
+
+    def element_spec(self) -> dict:
+        """tf.TensorSpec of one element (see the class docstring)."""
+        dim = self.features.store.dim
+        return {"features": tf.TensorSpec([None, dim], tf.float32),
+                "input_seqs": tf.TensorSpec([None, None], tf.int32),
+                "target_seqs": tf.TensorSpec([None, None], tf.int32),
+                "mask": tf.TensorSpec([None, None], tf.float32),
+                "global_words": tf.TensorSpec([], tf.float32)}
+
+    def global_batch(self, pair_idx: np.ndarray, rng) -> dict:
+        """All arrays of one global batch (numpy)."""
+        caps = [self.pairs.captions[i] for i in pair_idx]
+        inputs, targets, mask = pad_captions(caps, int(self.pairs.lengths[pair_idx].max()))
+        batch = {"input_seqs": inputs, "target_seqs": targets, "mask": mask}
+        batch.update(self.load_inputs(pair_idx, rng))
+        return batch
+
+    def generator(self, plan: list[np.ndarray], epoch: int, start: int, replicas: list[int],
+                  num_replicas: int, sample_views: bool = True):
+        """Yields, for each global batch of plan[start:], the shares of `replicas` (of num_replicas)."""
+        for b in range(start, len(plan)):
+            rng = np.random.default_rng([self.seed, epoch, b, 13]) if sample_views else None
+            batch = self.global_batch(plan[b], rng)
+            words = np.float32(batch["mask"].sum())
+            splits = np.array_split(np.arange(len(plan[b])), num_replicas)
+            for r in replicas:
+                share = {k: v[splits[r]] for k, v in batch.items()}
+                share["global_words"] = words
+                yield share
+
+    def stream(self, epoch: int, start: int, replicas, num_replicas: int):
+        """Endless generator of per-replica shares: epoch `epoch` from batch `start`, then the next epochs."""
+        while True:
+            yield from self.generator(self.plan(epoch), epoch, start, list(replicas), num_replicas)
+            epoch, start = epoch + 1, 0
+
+    def stream_dataset(self, epoch: int, start: int = 0, replicas=(0,),
+                       num_replicas: int = 1) -> tf.data.Dataset:
+        """tf.data.Dataset over `stream` (prefetched): the training loop's one dataset for the whole run."""
+        ds = tf.data.Dataset.from_generator(lambda: self.stream(epoch, start, replicas, num_replicas),
+                                            output_signature=self.element_spec())
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def dataset(self, plan, epoch: int, start: int = 0, replicas=(0,), num_replicas: int = 1,
+                sample_views: bool = True) -> tf.data.Dataset:
+        """tf.data.Dataset of per-replica shares of plan[start:] (prefetched)."""
+        ds = tf.data.Dataset.from_generator(
+            lambda: self.generator(plan, epoch, start, list(replicas), num_replicas, sample_views),
+            output_signature=self.element_spec())
+        return ds.prefetch(tf.data.AUTOTUNE)
