@@ -41,28 +41,45 @@ def main():
     """
 
 
-# ---- options shared by the commands that read caption files ---------------------------------------------
+# ---- options shared by several commands ------------------------------------------------------------------
 _FORMATS = ("auto", "coco", "karpathy", "flickr8k")  # data.captions.FORMATS plus auto
 _SCHEMES = ("auto", "karpathy", "im2txt", "hash", "none")  # data.splits.SPLIT_SCHEMES
 
 
-def caption_options(required: bool, captions_help: str, scheme_help: str):
-    """--captions (repeatable), --format and --split-scheme, in that order (see "Captions, splits")."""
+def _options(*options):
+    """A decorator applying click `options` in the order given (as if stacked top to bottom)."""
 
     def decorate(command):
-        for option in reversed([
-            click.option("--captions", required=required, multiple=True, help=captions_help),
-            click.option("--format", "caption_format", default="auto", show_default=True,
-                         type=click.Choice(_FORMATS), help="Caption file format (auto: from the content)."),
-            click.option("--split-scheme", default="auto", show_default=True, type=click.Choice(_SCHEMES),
-                         help=scheme_help),
-        ]):
+        for option in reversed(options):
             command = option(command)
         return command
 
     return decorate
 
 
+def caption_options(required: bool, captions_help: str, scheme_help: str):
+    """--captions (repeatable), --format and --split-scheme (see the README's "Captions, splits")."""
+    return _options(
+        click.option("--captions", required=required, multiple=True, help=captions_help),
+        click.option("--format", "caption_format", default="auto", show_default=True,
+                     type=click.Choice(_FORMATS), help="Caption file format (auto: from the content)."),
+        click.option("--split-scheme", default="auto", show_default=True, type=click.Choice(_SCHEMES),
+                     help=scheme_help))
+
+
+search_options = _options(  # beam search as im2txt: --beam-size, --max-length, --length-normalization
+    click.option("--beam-size", default=3, show_default=True, type=int,
+                 help="Beam size (1 = greedy; im2txt: 3)."),
+    click.option("--max-length", default=20, show_default=True, type=int,
+                 help="Most tokens per caption, counting <S> and </S> (im2txt: 20)."),
+    click.option("--length-normalization", default=0.0, show_default=True, type=float,
+                 help="alpha: complete captions scored logprob / len**alpha (im2txt: 0)."))
+run_length_options = _options(  # training run length: --steps, --epochs, --batch-size
+    click.option("--steps", type=int, default=None,
+                 help="Run length in optimizer steps (wins over --epochs)."),
+    click.option("--epochs", type=float, default=None,
+                 help="Run length in epochs (one epoch = every training (image, caption) pair once)."),
+    click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs)."))
 _CAPTION_FILES = "Caption file (repeatable): COCO json, Karpathy dataset_*.json or Flickr8k token file."
 _TRAIN_SPLIT = "Split scheme: train on its train part, validate on its val part."
 
@@ -150,10 +167,7 @@ def merge_features_command(shards, out):
 @click.option("--features", required=True, help="Feature store written by extract (features.h5).")
 @caption_options(True, _CAPTION_FILES, _TRAIN_SPLIT)
 @click.option("--model-dir", required=True, help="Output model dir; rerunning the same command resumes.")
-@click.option("--steps", type=int, default=None, help="Run length in optimizer steps (wins over --epochs).")
-@click.option("--epochs", type=float, default=None,
-              help="Run length in epochs (one epoch = every training (image, caption) pair once).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs).")
+@run_length_options
 @click.option("--embedding-size", type=int, default=512, show_default=True,
               help="Width of the image and word embeddings.")
 @click.option("--lstm-units", type=int, default=512, show_default=True, help="LSTM state size.")
@@ -220,12 +234,7 @@ def train_decoder_command(features, captions, caption_format, split_scheme, mode
 @click.option("--top", default=3, show_default=True, type=int, help="Captions printed per image.")
 @click.option("--json", "json_out", default=None,
               help="Write COCO results JSON [{image_id, caption, file_name}] with each image's best caption.")
-@click.option("--beam-size", default=3, show_default=True, type=int,
-              help="Beam size (1 = greedy; im2txt: 3).")
-@click.option("--max-length", default=20, show_default=True, type=int,
-              help="Most tokens per caption, counting <S> and </S> (im2txt: 20).")
-@click.option("--length-normalization", default=0.0, show_default=True, type=float,
-              help="alpha: complete captions scored logprob / len**alpha (im2txt: 0).")
+@search_options
 @click.option("--no-repeat-ngram", default=0, show_default=True, type=int,
               help="Never repeat an n-gram of this size within a caption (0 = off).")
 @click.option("--suppress-unk", is_flag=True, help="Never emit <UNK>.")
@@ -293,10 +302,7 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
 @caption_options(True, _CAPTION_FILES, _TRAIN_SPLIT)
 @click.option("--out", required=True,
               help="NEW model dir to write (cnn.weights.h5 + decoder); rerunning the same command resumes.")
-@click.option("--steps", type=int, default=None, help="Run length in optimizer steps (wins over --epochs).")
-@click.option("--epochs", type=float, default=None,
-              help="Run length in epochs (one epoch = every training (image, caption) pair once).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs).")
+@run_length_options
 @click.option("--trainable-blocks", type=int, default=None,
               help="Train only the top N of InceptionV3's 11 mixed blocks (mixed10 down; 0 = CNN frozen). "
                    "Default: the whole CNN.")
@@ -368,12 +374,7 @@ def finetune_command(model_dir, images, captions, caption_format, split_scheme, 
               help="Metrics JSON (corpus + per-image scores) [OUT_DIR/metrics.json].")
 @click.option("--report", default=None,
               help="Also write this self-contained HTML page: every image, worst CIDEr first.")
-@click.option("--beam-size", default=3, show_default=True, type=int,
-              help="Beam size (1 = greedy; im2txt: 3).")
-@click.option("--max-length", default=20, show_default=True, type=int,
-              help="Most tokens per caption, counting <S> and </S> (im2txt: 20).")
-@click.option("--length-normalization", default=0.0, show_default=True, type=float,
-              help="alpha: complete captions scored logprob / len**alpha (im2txt: 0).")
+@search_options
 @click.option("--batch-size", default=64, show_default=True, type=int,
               help="Images per CNN and search batch.")
 @click.option("--max-images", default=None, type=int, help="Evaluate only the first N images of the split.")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +20,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.atomic import atomic_write_text
 from data.errors import InputError
 
 METRICS_FORMAT = "showtell-metrics"
@@ -280,23 +280,6 @@ def format_metrics_table(result: MetricsResult, extra: Mapping[str, float] | Non
              f"{result.n_images} images, tokenizer: {tok}"]
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (utf-8) to `path` via `<name>.tmp-<pid>`, flush + fsync, os.replace. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def write_results_json(path: str | Path, results: Sequence[Mapping]) -> Path:

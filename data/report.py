@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.metrics import DISPLAY_NAMES, MetricsResult, atomic_write_text
+from data.atomic import atomic_write_text
+from data.metrics import DISPLAY_NAMES, MetricsResult
 
 THUMBNAIL_PX = 160  # longest side of the embedded thumbnails, in pixels
 _CSS = """

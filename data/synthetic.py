@@ -12,11 +12,12 @@ over a blue square", ...). Same seed -> same bytes.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data.atomic import atomic_write_json
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -175,14 +176,7 @@ def generate_shapes(
         "images": images,
         "annotations": annotations,
     }
-    path = out_dir / "captions.json"
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(out_dir / "captions.json", data, indent=1)
 
 
 def named_in(caption: str) -> tuple[set, set]:

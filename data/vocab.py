@@ -7,11 +7,11 @@ per caption. `<UNK>` gets id = number of lines unless the file lists it. Loading
 newline and CRLF line ends; saving always writes im2txt's form.
 """
 
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from data.atomic import atomic_write_text
 from data.errors import InputError
 from data.tokenizer import tokenize
 
@@ -99,15 +99,8 @@ class Vocabulary:
 
     def save(self, path: str | Path) -> Path:
         """Write im2txt's word_counts.txt atomically (temp file, fsync, rename); returns the path."""
-        path = Path(path)
-        data = "\n".join(f"{w} {c}" for w, c in zip(self.words, self.counts, strict=False)).encode("utf-8")
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, "\n".join(f"{w} {c}" for w, c in zip(self.words, self.counts,
+                                                                             strict=False)))
 
     # ---- lookup -----------------------------------------------------------------------------------------
 

@@ -12,8 +12,6 @@ Image ids (for COCO results JSON): the store's /image_ids, else parsed from a CO
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from collections import Counter
@@ -23,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from beam import Caption, SearchConfig, generate
+from data.atomic import atomic_write_json
 from data.errors import InputError
 from decoder.modeldir import load_model_dir
 
 _COCO_NAMES = (re.compile(r"COCO_[A-Za-z]+\d{4}_(\d+)$"), re.compile(r"^(\d{12})$"))
-_ENCODERS: dict = {}  # the last CNN built in this process (tests, notebooks): key -> (infer, fingerprint)
 
 
 def coco_image_id(key: str) -> int:
@@ -110,37 +108,15 @@ class Captioner:
         spec = CNNSpec.from_dict(self.cnn)
         if self.loaded.cnn_weights_path is not None:
             spec.weights = str(self.loaded.cnn_weights_path)
-        infer, got = _build_encoder(spec)
+        from extract.pipeline import inference_encoder
+
+        infer, built = inference_encoder(spec)
+        got = built.fingerprint
         want = self.cnn.get("fingerprint") or ""
         if want and got != want:
             raise InputError(f"the CNN built from {spec.weights} has fingerprint {got[:12]} but "
                              f"{self.model_dir} was trained with CNN fingerprint {want[:12]}.")
         return infer
-
-
-def _build_encoder(spec):
-    """(infer, fingerprint) for a CNNSpec, cached for the last spec; mixed float16 on GPU like extract."""
-    import keras
-
-    from extract.encoder import encoder_and_spec
-    from extract.pipeline import devices, make_infer
-
-    path = spec.weights.removeprefix("slim:")
-    mtime = os.path.getmtime(path) if os.path.isfile(path) else None
-    key = json.dumps([{**spec.to_dict(), "fingerprint": ""}, mtime], sort_keys=True)
-    if key not in _ENCODERS:
-        _ENCODERS.clear()
-        gpus, strategy = devices()
-        previous = keras.mixed_precision.dtype_policy()
-        if gpus:
-            keras.mixed_precision.set_dtype_policy("mixed_float16")
-        try:
-            with strategy.scope():
-                model, built = encoder_and_spec(spec)
-        finally:
-            keras.mixed_precision.set_dtype_policy(previous)
-        _ENCODERS[key] = (make_infer(model, strategy), built.fingerprint)
-    return _ENCODERS[key]
 
 
 def _bar(total: int, progress: bool, what: str):
@@ -243,11 +219,4 @@ def _select(store, keys: list[str], path) -> list[int]:
 
 def write_results_json(run: CaptionRun, out) -> Path:
     """Write run.coco_results() to `out` atomically (temp name, fsync, rename)."""
-    out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(run.coco_results(), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return out
+    return atomic_write_json(out, run.coco_results(), indent=1)

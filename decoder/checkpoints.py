@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_write_bytes
 from data.errors import InputError
 
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
@@ -35,12 +36,7 @@ def variable_arrays(objects: dict, slots: list) -> dict:
 def _write_npz_atomic(path: Path, arrays: dict) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class CheckpointManager:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from data.atomic import atomic_write_json
 from data.captions import load_annotations
 from data.errors import InputError
 from decoder.config import ModelConfig, TrainConfig, recipe_differences
@@ -36,7 +37,6 @@ from decoder.modeldir import (
     CONFIG_FILE,
     DECODER_WEIGHTS,
     VOCAB_FILE,
-    atomic_write_json,
     load_model_dir,
     make_config,
     read_config,

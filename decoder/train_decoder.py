@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.atomic import atomic_write_json
 from data.captions import load_annotations
 from data.errors import InputError
 from data.features import open_store
@@ -21,7 +22,6 @@ from decoder.model import build_decoder
 from decoder.modeldir import (
     CONFIG_FILE,
     VOCAB_FILE,
-    atomic_write_json,
     make_config,
     read_config,
     save_model_dir,

@@ -7,6 +7,8 @@ are zeroed by the run. Distorted views (--views V) are seeded per (seed, key, vi
 on batch size, shard or resume point.
 """
 
+import json
+import os
 import zlib
 
 import numpy as np
@@ -92,3 +94,45 @@ def make_infer(model, strategy: tf.distribute.Strategy):
         return strategy.gather(out, axis=0).numpy()
 
     return infer
+
+
+_BUILT: dict = {}  # the last encoders built in this process, keyed by CNN block (+ weights file mtime)
+_KEEP = 2
+
+
+def inference_encoder(spec):
+    """(infer, CNNSpec with its fingerprint) for a CNN block: `infer(float32 [B, S, S, 3]) -> np.float32
+    [B, 2048]`. GPU: mixed_float16 compute, MirroredStrategy over several GPUs.
+
+    The last two encoders are kept, so several runs in one process (demo, tests, extract then caption)
+    build each once. The key ignores the block's recorded fingerprint: the built one is returned.
+    """
+    from extract.encoder import CNNSpec
+
+    spec = spec if isinstance(spec, CNNSpec) else CNNSpec.from_dict(spec)
+    weights_path = spec.weights.removeprefix("slim:")
+    mtime = os.path.getmtime(weights_path) if os.path.isfile(weights_path) else None
+    key = json.dumps([{**spec.to_dict(), "fingerprint": ""}, mtime], sort_keys=True)
+    if key not in _BUILT:
+        built = _build_new(spec)
+        while len(_BUILT) >= _KEEP:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = built
+    return _BUILT[key]
+
+
+def _build_new(spec):
+    import keras
+
+    from extract.encoder import encoder_and_spec
+
+    gpus, strategy = devices()
+    previous = keras.mixed_precision.dtype_policy()
+    if gpus:
+        keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model, spec = encoder_and_spec(spec)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+    return make_infer(model, strategy), spec

@@ -21,6 +21,7 @@ from data.errors import InputError
 from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
 from extract.inputs import Rows, check_output, gather_rows
+from extract.pipeline import inference_encoder
 from extract.preprocess import MAX_PIXELS, error_category
 
 
@@ -156,45 +157,6 @@ def _check_space(path: Path, n: int, cfg: ExtractConfig) -> None:
                          f"{free / 1e6:.1f} MB free.")
 
 
-_BUILT: dict = {}  # the last encoders built in this process, keyed by CNN block (+ weights file mtime)
-_KEEP = 2
-
-
-def _build(spec: CNNSpec):
-    """(infer, spec with fingerprint). GPU: mixed_float16 compute, MirroredStrategy over several GPUs.
-
-    The last two encoders are kept in memory, so several extractions in one process (demo, tests) build
-    each once.
-    """
-    weights_path = spec.weights.removeprefix("slim:")
-    mtime = os.path.getmtime(weights_path) if os.path.isfile(weights_path) else None
-    key = json.dumps([spec.to_dict(), mtime], sort_keys=True)
-    if key not in _BUILT:
-        built = _build_new(spec)
-        while len(_BUILT) >= _KEEP:
-            _BUILT.pop(next(iter(_BUILT)))
-        _BUILT[key] = built
-    return _BUILT[key]
-
-
-def _build_new(spec: CNNSpec):
-    import keras
-
-    from extract.encoder import encoder_and_spec
-    from extract.pipeline import devices, make_infer
-
-    gpus, strategy = devices()
-    previous = keras.mixed_precision.dtype_policy()
-    if gpus:
-        keras.mixed_precision.set_dtype_policy("mixed_float16")
-    try:
-        with strategy.scope():
-            model, spec = encoder_and_spec(spec)
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)
-    return make_infer(model, strategy), spec
-
-
 def _static_attrs(cfg: ExtractConfig, spec: CNNSpec, identity: dict, rows: Rows, total: int) -> dict:
     s, r = spec.image_size, spec.resize_size
     return {"cnn": spec.to_dict(), "cnn_arch": spec.arch, "cnn_weights": spec.weights,
@@ -253,7 +215,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     if old is not None:
         _check_same_run(out, old, identity)
     _clean_stale_tmp(out)
-    infer, spec = _build(spec)
+    infer, spec = inference_encoder(spec)
     identity["cnn"] = spec.to_dict()
     t0 = time.perf_counter()
     if old is not None:
