@@ -43,6 +43,7 @@ def lstm_sequence(xw, recurrent_kernel):
         c_prev = tf.concat([zeros[None], c[:-1]], 0)
         h_prev = tf.concat([zeros[None], h[:-1]], 0)
         tanh_c = tf.tanh(c)
+        rk_t = tf.transpose(rk)  # [4U, U] once: a plain matmul per step is ~2x faster than transpose_b
 
         def backward(carry, step):
             dh_next, dc_next = carry[0], carry[1]
@@ -51,7 +52,7 @@ def lstm_sequence(xw, recurrent_kernel):
             dc = dc_next + dh * o_t * (1 - tc_t * tc_t)
             dz = tf.concat([dc * g_t * i_t * (1 - i_t), dc * cp_t * f_t * (1 - f_t),
                             dc * i_t * (1 - g_t * g_t), dh * tc_t * o_t * (1 - o_t)], -1)
-            return tf.matmul(dz, rk, transpose_b=True), dc * f_t, dz
+            return tf.matmul(dz, rk_t), dc * f_t, dz
 
         zeros4 = tf.zeros_like(xw[0])
         _, _, dz = tf.scan(backward, (dh_out, i, f, g, o, tanh_c, c_prev), initializer=(zeros, zeros, zeros4),
@@ -61,6 +62,27 @@ def lstm_sequence(xw, recurrent_kernel):
         return dz, d_rk
 
     return h, grad
+
+
+@tf.custom_gradient
+def sparse_cross_entropy(logits, labels):
+    """Per-row softmax cross-entropy, as tf.nn.sparse_softmax_cross_entropy_with_logits (same values to
+    float rounding) but ~2x faster on CPU: TF's fused kernel runs single-threaded Eigen, while oneDNN's
+    softmax is vectorised and multi-threaded.
+
+    logits: float32 [N, V]; labels: int32 [N]. Returns float32 [N] = logsumexp(logits) - logits[label],
+    computed as (max - logits[label]) - log(max softmax) (no underflow: the largest probability is >= 1/V).
+    Gradient w.r.t. logits: (softmax - one_hot(label)) * upstream.
+    """
+    probs = tf.nn.softmax(logits)
+    top = tf.reduce_max(logits, -1)
+    loss = (top - tf.gather(logits, labels, batch_dims=1)) - tf.math.log(tf.reduce_max(probs, -1))
+
+    def grad(upstream):
+        one_hot = tf.one_hot(labels, tf.shape(logits)[1], dtype=logits.dtype)
+        return (probs - one_hot) * upstream[:, None], None
+
+    return loss, grad
 
 
 class ShowAndTell(keras.Model):
@@ -181,8 +203,7 @@ class ShowAndTell(keras.Model):
             h = tf.nn.experimental.stateless_dropout(h, 1.0 - self.config.dropout_keep, seed=seed + 1)
         dtype = h.dtype
         logits = tf.matmul(h, tf.cast(self.logits.kernel, dtype)) + tf.cast(self.logits.bias, dtype)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets,
-                                                            logits=tf.cast(logits, tf.float32))
+        ce = sparse_cross_entropy(tf.cast(logits, tf.float32), targets)
         return tf.reduce_sum(ce), tf.cast(tf.shape(targets)[0], tf.float32)
 
     def call(self, inputs, training=False):

@@ -156,3 +156,21 @@ def test_feature_standardisation_is_applied_everywhere_and_saved(tmp_path):
     np.testing.assert_array_equal(loaded.feature_inv_std.numpy(), inv_std)
     with pytest.raises(InputError, match="feature normalisation"):
         ModelConfig(vocab_size=5, feature_norm="whiten")
+
+
+def test_sparse_cross_entropy_matches_tensorflow():
+    """The custom CE (values and gradient) equals tf.nn.sparse_softmax_cross_entropy_with_logits."""
+    from decoder.model import sparse_cross_entropy
+
+    rng = np.random.default_rng(7)
+    logits = tf.constant(rng.normal(scale=30.0, size=(6, 50)).astype(np.float32))  # peaked rows included
+    labels = tf.constant(rng.integers(0, 50, size=6).astype(np.int32))
+    weights = tf.constant(rng.uniform(size=6).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours = sparse_cross_entropy(logits, labels)
+        ref = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        ours_w, ref_w = tf.reduce_sum(ours * weights), tf.reduce_sum(ref * weights)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(ours_w, logits).numpy(), tape.gradient(ref_w, logits).numpy(),
+                               atol=1e-6)
