@@ -110,17 +110,6 @@ class _ArrayFeatures:
         return self.array[rows]
 
 
-def _eval_loop(model):
-    """The training loop's state object for `model` (plain SGD, no slots): its `eval_step` is what
-    `decoder.train.evaluate` calls, so the perplexity here is computed exactly as during training."""
-    import tensorflow as tf
-
-    from decoder.config import TrainConfig
-    from decoder.train import DecoderTrainable, _Loop
-
-    return _Loop(DecoderTrainable(model), TrainConfig(steps=1), tf.distribute.get_strategy(), decay_steps=0)
-
-
 def _check(cfg: EvalConfig) -> None:
     if not cfg.features and not cfg.images:
         raise InputError("give the split's image features with --features FILE.h5, or --images DIR.")
@@ -223,12 +212,12 @@ def perplexity(model, vocab, records, features: np.ndarray, batch_size: int = 25
     """exp(mean CE per real target word) over every caption of `records`; record i's image has the features
     features[i] (float32 [n, D]). Computed by the decoder's own validation function."""
     from data.pipeline import PairBatches, match_pairs
-    from decoder.train import evaluate
+    from decoder.train import DecoderTrainable
+    from decoder.train import perplexity as loop_perplexity
 
     pairs = match_pairs(records, [r.path for r in records], np.ones(len(records), bool), vocab)
     source = PairBatches(pairs, _ArrayFeatures(features), batch_size, seed=0)
-    ppl, _ = evaluate(_eval_loop(model), source, batch_size, None)
-    return ppl
+    return loop_perplexity(DecoderTrainable(model), source, batch_size)
 
 
 def generate_captions(captioner: Captioner, features: np.ndarray, batch_size: int,

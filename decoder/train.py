@@ -174,6 +174,13 @@ def evaluate(loop: _Loop, val_source, batch_size: int, max_pairs: int | None) ->
     return (math.exp(total / words) if words else float("nan")), words
 
 
+def perplexity(trainable: Trainable, source, batch_size: int, max_pairs: int | None = None) -> float:
+    """Perplexity of `trainable` on `source`'s pairs outside a training run, computed exactly as the loop's
+    validation (`evaluate`: exp(total CE / real target words), no dropout)."""
+    loop = _Loop(trainable, TrainConfig(steps=1), tf.distribute.get_strategy(), decay_steps=0)
+    return evaluate(loop, source, batch_size, max_pairs)[0]
+
+
 def train_loop(build_trainable: Callable[[], Trainable], source, val_source, config: TrainConfig, model_dir,
                strategy=None, log=print, finish: Callable[[Trainable, Path, TrainResult], None] | None = None,
                progress: bool = True) -> TrainResult:
