@@ -74,12 +74,16 @@ search_options = _options(  # beam search as im2txt: --beam-size, --max-length, 
                  help="Most tokens per caption, counting <S> and </S> (im2txt: 20)."),
     click.option("--length-normalization", default=0.0, show_default=True, type=float,
                  help="alpha: complete captions scored logprob / len**alpha (im2txt: 0)."))
-run_length_options = _options(  # training run length: --steps, --epochs, --batch-size
+loop_options = _options(  # the training loop: --steps, --epochs, --batch-size, --clip-gradients, --eval-every
     click.option("--steps", type=int, default=None,
                  help="Run length in optimizer steps (wins over --epochs)."),
     click.option("--epochs", type=float, default=None,
                  help="Run length in epochs (one epoch = every training (image, caption) pair once)."),
-    click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs)."))
+    click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs)."),
+    click.option("--clip-gradients", type=float, default=5.0, show_default=True,
+                 help="Global-norm gradient clip (0: off)."),
+    click.option("--eval-every", type=int, default=1000, show_default=True,
+                 help="Validation perplexity every N steps (and at each epoch end)."))
 _CAPTION_FILES = "Caption file (repeatable): COCO json, Karpathy dataset_*.json or Flickr8k token file."
 _TRAIN_SPLIT = "Split scheme: train on its train part, validate on its val part."
 
@@ -167,7 +171,7 @@ def merge_features_command(shards, out):
 @click.option("--features", required=True, help="Feature store written by extract (features.h5).")
 @caption_options(True, _CAPTION_FILES, _TRAIN_SPLIT)
 @click.option("--model-dir", required=True, help="Output model dir; rerunning the same command resumes.")
-@run_length_options
+@loop_options
 @click.option("--embedding-size", type=int, default=512, show_default=True,
               help="Width of the image and word embeddings.")
 @click.option("--lstm-units", type=int, default=512, show_default=True, help="LSTM state size.")
@@ -181,12 +185,8 @@ def merge_features_command(shards, out):
               help="sgd: im2txt's recipe (lr 2.0, x0.5 every 8 epochs); adam: Keras defaults (lr 0.001).")
 @click.option("--learning-rate", type=float, default=None,
               help="Initial learning rate (default: per optimizer).")
-@click.option("--clip-gradients", type=float, default=5.0, show_default=True,
-              help="Global-norm gradient clip (0: off).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of init, shuffles, views and dropout (deterministic on CPU).")
-@click.option("--eval-every", type=int, default=1000, show_default=True,
-              help="Validation perplexity every N steps (and at each epoch end).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True,
               help="Checkpoint every N steps (keeps the last 5, plus the best by validation).")
 @click.option("--max-val-pairs", type=int, default=None, help="Validate on at most this many pairs.")
@@ -302,7 +302,7 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
 @caption_options(True, _CAPTION_FILES, _TRAIN_SPLIT)
 @click.option("--out", required=True,
               help="NEW model dir to write (cnn.weights.h5 + decoder); rerunning the same command resumes.")
-@run_length_options
+@loop_options
 @click.option("--trainable-blocks", type=int, default=None,
               help="Train only the top N of InceptionV3's 11 mixed blocks (mixed10 down; 0 = CNN frozen). "
                    "Default: the whole CNN.")
@@ -310,12 +310,8 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
               help="CNN input size (>= 75). Default: the model dir's CNN image size; smaller for a CPU.")
 @click.option("--learning-rate", type=float, default=0.0005, show_default=True,
               help="Constant SGD learning rate (im2txt phase 2).")
-@click.option("--clip-gradients", type=float, default=5.0, show_default=True,
-              help="Global-norm gradient clip (0: off).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of shuffles, image distortions and dropout.")
-@click.option("--eval-every", type=int, default=1000, show_default=True,
-              help="Validation perplexity every N steps (and at each epoch end).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True,
               help="Checkpoint every N steps (keeps the last 3, ~90 MB each, plus the best by validation).")
 @click.option("--max-val-pairs", type=int, default=2000, show_default=True,

@@ -9,7 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from test_train_fixtures import REPO, TINY, cli, make_dataset, write_store
+from test_train_fixtures import REPO, TINY, cli, h5_datasets, make_dataset, write_store
 
 from data.errors import InputError
 from decoder.config import TrainConfig
@@ -21,14 +21,6 @@ def _train(store, captions, model_dir, units=16, scheme="auto", overwrite=False,
     data = DataConfig(str(store), [str(captions)], split_scheme=scheme, vocab=vocab, min_word_count=1)
     return train_decoder(data, model_dir, cfg, embedding_size=units, lstm_units=units, overwrite=overwrite,
                          progress=False, log=lambda m: None)
-
-
-def _weights(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.setdefault(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 def test_tiny_model_overfits_and_logs(tmp_path):
@@ -88,7 +80,8 @@ def test_kill9_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert f"resuming from checkpoint at step {steps[-1]}" in out.stderr and "step 150," in out.stdout
     rows = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows == sorted(set(rows)) and rows[-1] == 150
-    ref, got = _weights(tmp_path / "ref" / "decoder.weights.h5"), _weights(model_dir / "decoder.weights.h5")
+    ref = h5_datasets(tmp_path / "ref" / "decoder.weights.h5")
+    got = h5_datasets(model_dir / "decoder.weights.h5")
     assert ref.keys() == got.keys()
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], atol=1e-6, err_msg=name)

@@ -7,9 +7,8 @@ import socket
 import subprocess
 import sys
 
-import h5py
 import numpy as np
-from test_train_fixtures import REPO, TINY, make_dataset
+from test_train_fixtures import REPO, TINY, h5_datasets, make_dataset
 
 MIRRORED = """
 import json, sys
@@ -32,14 +31,6 @@ print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "diff": diff, "ste
 
 def _metrics(model_dir):
     return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.setdefault(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 def test_mirrored_two_cpu_replicas_train_and_agree(tmp_path):
@@ -79,7 +70,7 @@ def test_multi_worker_two_processes_train_and_agree(tmp_path):
     for p, (_, err) in zip(procs, outs, strict=False):
         assert p.returncode == 0, err[-3000:]
     assert "2 replica(s)" in outs[0][1]
-    chief, worker = _weights(model_dir / "decoder.weights.h5"), _weights(model_dir / "worker-1" /
+    chief, worker = h5_datasets(model_dir / "decoder.weights.h5"), h5_datasets(model_dir / "worker-1" /
                                                                           "decoder.weights.h5")
     assert chief.keys() == worker.keys()
     for name in chief:

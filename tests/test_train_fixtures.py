@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from data.features import create_store
@@ -79,3 +80,12 @@ def cli(*args, check=True, env=None, timeout=300) -> subprocess.CompletedProcess
 
 TINY = ["--embedding-size", "16", "--lstm-units", "16", "--batch-size", "8", "--min-word-count", "1",
         "--no-progress"]
+
+
+def h5_datasets(path) -> dict:
+    """{dataset path: np.ndarray} of every dataset in an HDF5 file (e.g. decoder.weights.h5)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.setdefault(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return out
