@@ -136,14 +136,10 @@ def split_records(cfg: EvalConfig) -> list[ImageRecord]:
 
 def image_files(records: list[ImageRecord], roots) -> list[str | None]:
     """Per record its image file under the first images root holding it, else None."""
-    from extract.inputs import check_root
+    from extract.inputs import check_root, resolve_image
 
     roots = [check_root(r) for r in roots]
-    out = []
-    for rec in records:
-        found = next((root / rec.path for root in roots if (root / rec.path).is_file()), None)
-        out.append(str(found) if found else None)
-    return out
+    return [resolve_image(rec.path, roots) for rec in records]
 
 
 def store_features(captioner: Captioner, path, records) -> tuple[np.ndarray, list[int], list]:

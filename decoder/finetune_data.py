@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.pipeline import PairBatches, PairSet, match_pairs, pad_captions
+from extract.inputs import resolve_image
 from extract.preprocess import BadImage, decode_image, preprocess
 
 
@@ -32,12 +33,10 @@ def resolve_files(records, roots: list[Path]) -> tuple[list[str], list[str]]:
         if rec.path in seen:
             continue
         seen.add(rec.path)
-        for root in roots:
-            candidate = root / rec.path
-            if candidate.is_file():
-                keys.append(rec.path)
-                files.append(str(candidate))
-                break
+        found = resolve_image(rec.path, roots)
+        if found is not None:
+            keys.append(rec.path)
+            files.append(found)
     return keys, files
 
 

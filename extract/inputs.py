@@ -60,10 +60,11 @@ def check_output(out) -> Path:
     return path
 
 
-def _resolve(rel: str, roots: list[Path]) -> str | None:
+def resolve_image(rel: str, roots: list[Path]) -> str | None:
+    """The file `root / rel` under the first images root that holds it, else None (looked up in turn)."""
     for root in roots:
         candidate = root / rel
-        if candidate.exists():
+        if candidate.is_file():
             return str(candidate)
     return None
 
@@ -83,7 +84,7 @@ def rows_from_captions(captions, images, fmt: str = "auto", split_scheme: str = 
         seen.add(rec.path)
         keys.append(rec.path)
         ids.append(int(rec.image_id))
-        files.append(_resolve(rec.path, roots))
+        files.append(resolve_image(rec.path, roots))
     if not keys:
         raise InputError(f"caption file {', '.join(map(str, captions))} lists no images.")
     return Rows(keys, ids, files, f"captions: {ann.summary()}")
