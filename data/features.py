@@ -133,7 +133,22 @@ def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, att
     return StoreWriter(path)
 
 
-class StoreWriter:
+class _OpenFile:
+    """An open HDF5 file in `self._f`: idempotent `close` and the context-manager protocol."""
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class StoreWriter(_OpenFile):
     """An open store being filled in row order. `commit` is the only write during a run."""
 
     def __init__(self, path):
@@ -184,19 +199,8 @@ class StoreWriter:
         self._f.attrs.modify("complete", np.bool_(True))
         _fsync(self._f)
 
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._f.id.valid:
-            self._f.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class FeatureStore:
+class FeatureStore(_OpenFile):
     """Read side of a feature store. Row arrays are loaded eagerly; features on demand."""
 
     def __init__(self, path, f: h5py.File):
@@ -232,17 +236,6 @@ class FeatureStore:
     def nbytes_in_memory(self) -> int:
         """Bytes needed to hold all features in memory in the stored dtype."""
         return int(np.prod(self._f["features"].shape)) * self.dtype.itemsize
-
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._f.id.valid:
-            self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def open_store(path, require_complete: bool = True) -> FeatureStore:
