@@ -10,7 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from data.errors import InputError  # noqa: E402
+from data.errors import InputError, RunStopped  # noqa: E402
+from extract.devices import quiet_tensorflow  # noqa: E402  (imports no TensorFlow itself)
 
 __version__ = "0.1.0"
 
@@ -21,14 +22,38 @@ class _BadInput(click.ClickException):
     exit_code = 2
 
 
+class _Stopped(click.ClickException):
+    """Printed as `Error: <message>`; exit status 1: the run stopped without a right result."""
+
+    exit_code = 1
+
+
+class _Command(click.Command):
+    """A command that starts TensorFlow quietly (no CUDA/oneDNN start-up noise on a CPU-only machine; real
+    errors still shown) after its options were parsed and checked, so usage errors come back at once."""
+
+    def invoke(self, ctx):
+        if self.name not in _NO_TENSORFLOW:
+            quiet_tensorflow()
+        return super().invoke(ctx)
+
+
+_NO_TENSORFLOW = {"merge-features"}
+
+
 class _Group(click.Group):
-    """A click group that turns `InputError` into a one-line `Error: ...` and exit status 2."""
+    """A click group that turns `InputError` into a one-line `Error: ...` and exit status 2, and
+    `RunStopped` into `Error: ...` and exit status 1."""
+
+    command_class = _Command
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as err:
             raise _BadInput(str(err)) from None
+        except RunStopped as err:
+            raise _Stopped(str(err)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,18 +168,13 @@ def extract_command(paths, out, images, captions, caption_format, split_scheme, 
     Give image PATHS (files, folders, globs), or --images DIR with --captions FILE. Broken images are
     kept as rows with ok=False and the reason in /errors. Rerunning the same command resumes.
     """
-    from extract.run import ExtractConfig, RunStopped, run_extract
+    from extract.run import ExtractConfig, run_extract
 
     cfg = ExtractConfig(out=out, paths=list(paths), images=list(images), captions=list(captions),
                         caption_format=caption_format, split_scheme=split_scheme, cnn_weights=cnn_weights,
                         image_size=image_size, batch_size=batch_size, dtype=dtype, views=views, shard=shard,
                         num_shards=num_shards, seed=seed, progress=not no_progress)
-    try:
-        result = run_extract(cfg)
-    except RunStopped as err:
-        click.echo(f"Stopped: {err}", err=True)
-        raise SystemExit(1) from None
-    click.echo(result.summary())
+    click.echo(run_extract(cfg).summary())
 
 
 @main.command("merge-features")
@@ -207,8 +227,8 @@ def train_decoder_command(features, captions, caption_format, split_scheme, mode
     (MirroredStrategy) or the machines of TF_CONFIG (MultiWorkerMirroredStrategy).
     """
     from data.pipeline import PipelineConfig
-    from decoder.config import TrainConfig
-    from decoder.train_decoder import DataConfig, train_decoder
+    from decoder.train.config import TrainConfig
+    from decoder.train.train_decoder import DataConfig, train_decoder
 
     data = DataConfig(features=features, captions=list(captions), caption_format=caption_format,
                       split_scheme=split_scheme, vocab=vocab,
@@ -259,7 +279,8 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
     import math
 
     from beam import SearchConfig
-    from decoder.captioner import Captioner, caption_files, caption_store, write_results_json
+    from decoder.infer.captioner import Captioner, caption_files, caption_store
+    from evaluation.metrics import write_results_json
     from extract.inputs import check_output
 
     if bool(paths) == bool(features):
@@ -288,7 +309,7 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
         for i, (cap, text) in enumerate(zip(item.captions[:top], item.texts[:top], strict=True)):
             click.echo(f"  {i}) {text} (p={math.exp(cap.logprob):f})")
     if json_out:
-        write_results_json(run, json_out)
+        write_results_json(json_out, run.coco_results())
     click.echo(run.summary() + (f" -> {json_out}" if json_out else ""))
     if run.n_ok == 0:
         raise SystemExit(1)
@@ -334,7 +355,7 @@ def finetune_command(model_dir, images, captions, caption_format, split_scheme, 
     cnn.weights.h5 and its fingerprint: `caption` uses it, `extract --cnn-weights OUT/cnn.weights.h5`
     re-extracts features with it. Same training loop as train-decoder (checkpoints, resume, GPUs).
     """
-    from decoder.finetune import FinetuneConfig, finetune, phase2_recipe, resolve_precision
+    from decoder.train.finetune import FinetuneConfig, finetune, phase2_recipe
 
     cfg = FinetuneConfig(model_dir=model_dir, images=list(images), captions=list(captions),
                          caption_format=caption_format, split_scheme=split_scheme,
@@ -343,7 +364,7 @@ def finetune_command(model_dir, images, captions, caption_format, split_scheme, 
     train = phase2_recipe(batch_size=batch_size, learning_rate=learning_rate, clip_gradients=clip_gradients,
                           epochs=epochs, steps=steps, seed=seed, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, max_val_pairs=max_val_pairs,
-                          precision=resolve_precision(precision))
+                          precision=precision)
     result = finetune(cfg, out, train, overwrite=overwrite, progress=not no_progress,
                       log=lambda m: click.echo(m, err=True))
     click.echo(f"step {result.step}, epoch {result.epoch:.2f}: val perplexity {result.val_perplexity:.3f} "
@@ -386,7 +407,7 @@ def evaluate_command(model_dir, features, images, captions, caption_format, spli
     the table; writes the COCO results JSON, the metrics JSON and (--report) an HTML error-analysis page.
     """
     from beam import SearchConfig
-    from decoder.evaluate import EvalConfig, run_evaluate
+    from decoder.infer.evaluate import EvalConfig, run_evaluate
 
     cfg = EvalConfig(model_dir=model_dir, captions=list(captions), features=features, images=list(images),
                      caption_format=caption_format, split_scheme=split_scheme, split=split, out_dir=out_dir,

@@ -4,11 +4,14 @@ Decoder (vocab 12000, embedding 512, LSTM 512, feature 2048, random weights unif
 plain TF ops here (default; --backend numpy: NumPy) so the bench depends on nothing but beam/;
 --backend decoder uses the project's decoder/model.py instead.
 64 images, beam 3, max length 20 (im2txt defaults).
+--smoke: the same lines at toy sizes (vocab 200, embedding 32, LSTM 32, 8 images, 1 repeat) in a few seconds,
+so the test suite keeps the bench running (tests/test_bench.py); its numbers mean nothing.
 The reference (tests/beam_reference.py) is im2txt's loop: per image, one step call per time step on that
 image's partial captions (batched as im2txt did), a full argsort of each partial's word probabilities.
 Both searches use the same step function. Prints one result per line, the headline ratio last.
 
     python bench/beam.py [--images 64] [--beam 3] [--max-length 20] [--repeats 2] [--backend tf|numpy|decoder]
+                         [--smoke]
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+FULL = dict(vocab=12000, embed=512, units=512)  # im2txt's sizes
+SMOKE = dict(vocab=200, embed=32, units=32)
 
 from beam_reference import reference_beam_search  # noqa: E402
 
@@ -97,12 +102,13 @@ class TFDecoder:
         return tf.nn.log_softmax(logits), (c, h)
 
 
-def project_decoder():
-    """decoder/model.py's ShowAndTell at im2txt sizes (random weights, seed 0)."""
+def project_decoder(vocab=12000, embed=512, units=512, feature=2048):
+    """decoder/model.py's ShowAndTell (default: im2txt sizes), random weights, seed 0."""
     from decoder.config import ModelConfig
     from decoder.model import build_decoder
 
-    return build_decoder(ModelConfig(vocab_size=12000), seed=0)
+    return build_decoder(ModelConfig(vocab_size=vocab, embedding_size=embed, lstm_units=units,
+                                     feature_dim=feature), seed=0)
 
 
 def timed(fn, repeats):
@@ -149,8 +155,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backend", choices=["tf", "numpy", "decoder"], default="tf",
                     help="the decoder: plain TF ops, NumPy, or the project's decoder/model.py")
+    ap.add_argument("--smoke", action="store_true",
+                    help="toy sizes (vocab 200, 32 units, 8 images, 1 repeat): checks the bench runs")
     args = ap.parse_args()
-    model = {"tf": TFDecoder, "numpy": NumpyDecoder, "decoder": project_decoder}[args.backend]()
+    sizes = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.images, args.repeats = min(args.images, 8), 1
+    model = {"tf": TFDecoder, "numpy": NumpyDecoder, "decoder": project_decoder}[args.backend](**sizes)
     feats = np.random.default_rng(1).normal(size=(args.images, 2048)).astype(np.float32)
     init = model.initial_state(feats)
     kw = dict(start_id=1, end_id=2, max_length=args.max_length)
@@ -160,8 +171,9 @@ def main():
     t_ref, want = timed(lambda: reference_beam_search(init, model.step, beam_size=args.beam, **kw), 1)
     share = step_share(model, init, args.beam, kw)
     same, ndiff, alone = parity(model, init, args.beam, kw, got, want)
-    print(f"config: vocab 12000, embedding 512, LSTM 512, {args.images} images, beam {args.beam}, "
-          f"max length {args.max_length}, {args.backend} float32 ops, random weights")
+    print(f"config{' (smoke)' if args.smoke else ''}: vocab {sizes['vocab']}, embedding {sizes['embed']}, "
+          f"LSTM {sizes['units']}, {args.images} images, beam {args.beam}, max length {args.max_length}, "
+          f"{args.backend} float32 ops, random weights")
     print(f"batched beam search: {args.images / t_batch:.1f} images/s ({t_batch:.2f} s)")
     print(f"per-image im2txt reference: {args.images / t_ref:.1f} images/s ({t_ref:.2f} s)")
     print(f"batched: {share:.0%} of the time inside step_fn (the model, the floor), search {1 - share:.0%}")

@@ -5,11 +5,14 @@
   extract / ceiling      extract's images/s over the same CNN on already-decoded in-memory batches, the
                          physical limit of the machine for this CNN (target >= 0.90)
 
-Images: ../shared/data/coco_val2017_sample/images when present, topped up with generated 640x480 JPEGs.
+Images: ../shared/data/coco_val2017_sample/images when present (--shared-data), topped up with generated
+640x480 JPEGs.
 The CNN is InceptionV3 with seeded random weights (same FLOPs as ImageNet's, no download). Each rate is the
 best of three runs, ceiling and extract interleaved (the machine is shared and noisy; the best run is
 the one least disturbed by other processes).
-Run: `.venv/bin/python bench/extract.py [--images N] [--batch-size B]`.
+--smoke: the same lines at toy sizes (8 images at 75 px, batch 4, one repetition, 4 naive images) in about
+15 s, so the test suite keeps the bench running (tests/test_bench.py); its numbers mean nothing.
+Run: `.venv/bin/python bench/extract.py [--images N] [--batch-size B] [--image-size S] [--smoke]`.
 """
 
 import argparse
@@ -28,13 +31,14 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-SAMPLE = REPO.parent / "shared" / "data" / "coco_val2017_sample" / "images"
-SIZE = 299
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE = Path("coco_val2017_sample") / "images"  # under SHARED_DATA
 
 
-def gather_images(folder: Path, n: int) -> str:
-    """Copy (link) up to n sample JPEGs into folder and generate the rest at 640x480; returns a note."""
-    real = sorted(SAMPLE.glob("*.jpg"))[:n] if SAMPLE.is_dir() else []
+def gather_images(folder: Path, n: int, shared: Path) -> str:
+    """Link up to n sample JPEGs of `shared` into folder and generate the rest at 640x480; returns a note."""
+    sample = shared / SAMPLE
+    real = sorted(sample.glob("*.jpg"))[:n] if sample.is_dir() else []
     for path in real:
         os.symlink(path, folder / path.name)
     rng = np.random.default_rng(0)
@@ -46,16 +50,16 @@ def gather_images(folder: Path, n: int) -> str:
     return f"{len(real)} from coco_val2017_sample + {n - len(real)} generated 640x480"
 
 
-def naive_rate(model, paths: list[Path]) -> float:
-    """PIL open + resize 346 + central crop + model.predict, one image at a time: images/s."""
+def naive_rate(model, paths: list[Path], size: int) -> float:
+    """PIL open + resize (346 for 299) + central crop + model.predict, one image at a time: images/s."""
     from extract.preprocess import resize_size
 
-    r = resize_size(SIZE)
-    off = (r - SIZE) // 2
+    r = resize_size(size)
+    off = (r - size) // 2
     t0 = time.perf_counter()
     for path in paths:
         im = Image.open(path).convert("RGB").resize((r, r), Image.BILINEAR)
-        x = np.asarray(im, np.float32)[off : off + SIZE, off : off + SIZE] / 127.5 - 1.0
+        x = np.asarray(im, np.float32)[off : off + size, off : off + size] / 127.5 - 1.0
         model.predict(x[None], verbose=0)
     return len(paths) / (time.perf_counter() - t0)
 
@@ -74,29 +78,40 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of ceiling and extract")
     parser.add_argument("--batch-size", type=int, default=32, help="extract batch size")
     parser.add_argument("--naive", type=int, default=24, help="images timed in the naive loop")
+    parser.add_argument("--image-size", type=int, default=299, help="CNN input size S (>= 75)")
+    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA,
+                        help="folder with coco_val2017_sample/images (generated images only when absent)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes (8 images at 75 px, batch 4, 1 repetition): checks the bench runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.reps, args.batch_size, args.naive, args.image_size = 8, 1, 4, 4, 75
+    size = args.image_size
 
     import tensorflow as tf
 
     from extract.encoder import CNNSpec
+    from extract.pipeline import inference_encoder
     from extract.preprocess import decode_image, preprocess
-    from extract.run import ExtractConfig, _build, run_extract
+    from extract.run import ExtractConfig, run_extract
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
         (work / "img").mkdir()
-        note = gather_images(work / "img", args.images)
+        note = gather_images(work / "img", args.images, args.shared_data)
         paths = sorted((work / "img").iterdir())
-        print(f"images: {len(paths)} ({note}), {SIZE} px, batch {args.batch_size}, "
+        print(f"images{' (smoke)' if args.smoke else ''}: {len(paths)} ({note}), {size} px, "
+              f"batch {args.batch_size}, "
               f"{os.cpu_count()} CPUs, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
 
         def cfg(out, imgs):
-            return ExtractConfig(out=str(work / out), paths=imgs, cnn_weights="none", image_size=SIZE,
+            return ExtractConfig(out=str(work / out), paths=imgs, cnn_weights="none", image_size=size,
                                  batch_size=args.batch_size, progress=False)
 
-        infer, _ = _build(CNNSpec(weights="none", seed=0, image_size=SIZE))
+        # extract's own encoder (inference_encoder keeps it, so run_extract below calls the same function)
+        infer, _ = inference_encoder(CNNSpec(weights="none", seed=0, image_size=size))
         run_extract(cfg("warm.h5", [str(p) for p in paths[: args.batch_size]]))  # build + trace once
-        arrays = [preprocess(decode_image(p, SIZE), SIZE).numpy() for p in paths]
+        arrays = [preprocess(decode_image(p, size), size).numpy() for p in paths]
         batches = [np.stack(arrays[i : i + args.batch_size]) for i in range(0, len(arrays), args.batch_size)]
         ceiling, extract = [], []
         for rep in range(args.reps):
@@ -111,9 +126,9 @@ def main() -> None:
 
         keras.utils.set_random_seed(0)
         model = keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
-                                               input_shape=(SIZE, SIZE, 3))
-        model.predict(np.zeros((1, SIZE, SIZE, 3), np.float32), verbose=0)
-        naive = naive_rate(model, paths[: args.naive])
+                                               input_shape=(size, size, 3))
+        model.predict(np.zeros((1, size, size, 3), np.float32), verbose=0)
+        naive = naive_rate(model, paths[: args.naive], size)
         print(f"naive loop (PIL + model.predict, 1 image at a time, {args.naive} images): {naive:.2f} img/s")
         print(f"ceiling (same CNN, in-memory batches of {args.batch_size}): {max(ceiling):.2f} img/s "
               f"(runs {', '.join(f'{c:.2f}' for c in ceiling)})")

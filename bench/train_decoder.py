@@ -9,7 +9,14 @@
   4. peak memory of a process holding a 120k-image float16 store in memory (synthetic);
 headline last: the speed-up of training from the cache over im2txt's step.
 
-Run: `.venv/bin/python bench/train_decoder.py [--rounds 8] [--skip-memory] [--xla]`.
+The step is `decoder.train.step.TrainStep`, the one the training loop runs, built without XLA: the --xla
+option was dropped with TrainConfig's jit_compile field, since bucketed caption lengths give every batch
+a new shape and XLA recompiles (0.14-0.38 MFU when tried).
+--smoke: the same lines at toy sizes (vocab 200, embedding 32, LSTM 32, batch 8, 64 images, 2 rounds,
+512^3 matmul, InceptionV3 at 75 px, a 2k-image store) in about 15 s, so the test suite keeps the bench
+running (tests/test_bench.py); its numbers mean nothing.
+
+Run: `.venv/bin/python bench/train_decoder.py [--rounds 8] [--skip-memory] [--shared-data DIR] [--smoke]`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,28 +40,50 @@ import tensorflow as tf  # noqa: E402
 
 from data.features import create_store  # noqa: E402
 from data.pipeline import FeatureSource, PairBatches, PairSet, PipelineConfig  # noqa: E402
-from decoder.config import ModelConfig, TrainConfig  # noqa: E402
+from decoder.config import ModelConfig  # noqa: E402
 from decoder.model import build_decoder  # noqa: E402
-from decoder.train import DecoderTrainable, _Loop  # noqa: E402
+from decoder.train.config import TrainConfig  # noqa: E402
+from decoder.train.step import DecoderTrainable, TrainStep  # noqa: E402
+from extract.devices import choose_strategy  # noqa: E402
 
-V, E, U, D, B = 12000, 512, 512, 2048, 32
-COCO = REPO.parent / "shared" / "data" / "captions_val2017.json"
+SHARED_DATA = REPO.parent / "shared" / "data"
+D = 2048  # feature width (InceptionV3's pooled output)
 
 
-def caption_lengths(n: int, rng) -> tuple[np.ndarray, str]:
+@dataclass(frozen=True)
+class Sizes:
+    """What the bench runs at."""
+
+    vocab: int
+    embed: int
+    units: int
+    batch: int
+    images: int  # images of the timed store (5 captions each)
+    matmul: int  # n of the [n, n] @ [n, n] float32 matmul that measures this machine's FLOP/s
+    cnn_px: int  # InceptionV3 input size of the im2txt-style step
+    memory_images: int  # images of the in-memory store of the memory test
+
+
+FULL = Sizes(vocab=12000, embed=512, units=512, batch=32, images=2000, matmul=2048, cnn_px=299,
+             memory_images=120_000)
+SMOKE = Sizes(vocab=200, embed=32, units=32, batch=8, images=64, matmul=512, cnn_px=75, memory_images=2000)
+
+
+def caption_lengths(n: int, rng, coco: Path) -> tuple[np.ndarray, str]:
     """n caption lengths in ids (words + <S> + </S>): sampled from COCO val2017 when available."""
-    if COCO.exists():
+    if coco.exists():
         from data.tokenizer import tokenize
 
-        anns = json.loads(COCO.read_text())["annotations"]
+        anns = json.loads(coco.read_text())["annotations"]
         pool = np.array([len(tokenize(a["caption"])) + 2 for a in anns])
         return rng.choice(pool, n), f"COCO val2017 ({len(pool)} captions, mean {pool.mean():.2f} ids)"
     pool = np.clip(rng.normal(13.3, 2.5, n).round(), 8, 50).astype(int)
     return pool, "synthetic normal(13.3, 2.5)"
 
 
-def make_source(tmp: Path, n_images: int, rng) -> tuple[PairBatches, str]:
+def make_source(tmp: Path, sz: Sizes, rng, coco: Path) -> tuple[PairBatches, str]:
     """A PairBatches over a real h5 store of random float16 features, 5 captions per image."""
+    n_images = sz.images
     writer = create_store(tmp / "bench.h5", [f"{i}.jpg" for i in range(n_images)], range(n_images), dim=D,
                           views=1, dtype="float16", attrs={"cnn": {"arch": "InceptionV3"}})
     with writer:
@@ -63,19 +93,20 @@ def make_source(tmp: Path, n_images: int, rng) -> tuple[PairBatches, str]:
     from data.features import open_store
 
     store = open_store(tmp / "bench.h5")
-    lengths, where = caption_lengths(5 * n_images, rng)
-    caps = [rng.integers(3, V, size=n).astype(np.int32) for n in lengths]
+    lengths, where = caption_lengths(5 * n_images, rng, coco)
+    caps = [rng.integers(3, sz.vocab, size=n).astype(np.int32) for n in lengths]
     pairs = PairSet(np.repeat(np.arange(n_images), 5), caps, lengths.astype(np.int32))
     features = FeatureSource(store, PipelineConfig(), log=lambda m: None)
-    return PairBatches(pairs, features, B, seed=0), where
+    return PairBatches(pairs, features, sz.batch, seed=0), where
 
 
-def step_flops(mask: np.ndarray, batch: int) -> float:
+def step_flops(mask: np.ndarray, batch: int, sz: Sizes) -> float:
     """Useful training FLOPs of one batch (real words only; backward = 2x forward where dx is needed)."""
     n = float(mask.sum())
-    image = 4 * D * E * batch  # fwd + dW (no gradient w.r.t. the frozen features)
-    lstm = (batch + n) * 6 * (E + U) * 4 * U  # input + recurrent matmuls, fwd + dW + dx
-    logits = n * 6 * U * V
+    e, u = sz.embed, sz.units
+    image = 4 * D * e * batch  # fwd + dW (no gradient w.r.t. the frozen features)
+    lstm = (batch + n) * 6 * (e + u) * 4 * u  # input + recurrent matmuls, fwd + dW + dx
+    logits = n * 6 * u * sz.vocab
     return image + lstm + logits
 
 
@@ -88,66 +119,73 @@ def matmul_rate(f, a, reps: int = 4) -> float:
     return 2 * a.shape[0] ** 3 * reps / (time.perf_counter() - t)
 
 
-def decoder_steps(loop: _Loop, batches, plan, start: int, n: int) -> tuple[float, float, float]:
+def decoder_steps(step: TrainStep, batches, plan, start: int, n: int,
+                  sz: Sizes) -> tuple[float, float, float]:
     """Run n train steps from plan[start]: (seconds, captions, useful FLOPs)."""
     caps = flops = 0.0
     t0 = time.perf_counter()
     for i in range(start, start + n):
         batch = next(batches)
-        float(loop.train_step(batch, tf.constant(i, tf.int64))[0])
+        float(step(batch, tf.constant(i, tf.int64))[0])
         caps += len(plan[i])
-        flops += step_flops(batch["mask"].numpy(), len(plan[i]))
+        flops += step_flops(batch["mask"].numpy(), len(plan[i]), sz)
     return time.perf_counter() - t0, caps, flops
 
 
-def make_batches(loop: _Loop, source: PairBatches, n: int):
+def make_batches(step: TrainStep, source: PairBatches, n: int):
     """(iterator over the distributed train dataset of the first n batches, their plan)."""
     plan = source.plan(0)[:n]
-    dist = tf.distribute.get_strategy().distribute_datasets_from_function(lambda ctx: source.dataset(plan, 0))
-    loop.compile(dist.element_spec)
+    if len(plan) < n:
+        raise SystemExit(f"the bench needs {n} batches, the source has {len(plan)}: use more images")
+    dist = step.strategy.distribute_datasets_from_function(lambda ctx: source.dataset(plan, 0))
+    step.compile(dist.element_spec)
     return iter(dist), plan
 
 
-def time_decoder(loop: _Loop, batches, plan, rounds: int, per_round: int = 4):
-    """Interleaved rounds: matmul, `per_round` train steps, matmul. Returns (median MFU over rounds, best
+WARMUP, PER_ROUND, IM2TXT_ROUNDS = 5, 4, 3  # train steps: warm-up, per timing round; im2txt-style pairs
+
+
+def time_decoder(step: TrainStep, batches, plan, rounds: int, sz: Sizes):
+    """Interleaved rounds: matmul, PER_ROUND train steps, matmul. Returns (median MFU over rounds, best
     captions/s, best useful FLOP/s, best matmul FLOP/s); each round's MFU divides by the mean of the two
     matmul rates measured right around it (the machine is shared and noisy)."""
-    a = tf.random.normal([2048, 2048])
+    a = tf.random.normal([sz.matmul, sz.matmul])
     mm = tf.function(lambda x, y: tf.matmul(x, y))
     mm(a, a).numpy()
-    i, ratios, best = 5, [], [0.0, 0.0, 0.0]
-    decoder_steps(loop, batches, plan, 0, i)  # warm-up
+    i, ratios, best = WARMUP, [], [0.0, 0.0, 0.0]
+    decoder_steps(step, batches, plan, 0, i, sz)  # warm-up
     for _ in range(rounds):
         before = matmul_rate(mm, a, 2)
-        dt, caps, flops = decoder_steps(loop, batches, plan, i, per_round)
+        dt, caps, flops = decoder_steps(step, batches, plan, i, PER_ROUND, sz)
         after = matmul_rate(mm, a, 2)
-        i += per_round
+        i += PER_ROUND
         ratios.append(flops / dt / ((before + after) / 2))
         best = [max(best[0], caps / dt), max(best[1], flops / dt), max(best[2], before, after)]
     return float(np.median(ratios)), *best
 
 
-def time_im2txt(loop: _Loop, batches, plan, start: int, rounds: int = 3) -> tuple[float, float]:
-    """Median over rounds of (cached-step captions/s / im2txt-style captions/s), each pair measured back
-    to back, and the best im2txt-style captions/s. The im2txt-style step runs the frozen InceptionV3
-    (299 px, inference) on the batch's images and then the same decoder step."""
+def time_im2txt(step: TrainStep, batches, plan, start: int, sz: Sizes) -> tuple[float, float]:
+    """Median over IM2TXT_ROUNDS rounds of (cached-step captions/s / im2txt-style captions/s), each pair
+    measured back to back, and the best im2txt-style captions/s. The im2txt-style step runs the frozen
+    InceptionV3 (sz.cnn_px px, inference) on the batch's images and then the same decoder step."""
     import keras
 
+    px = sz.cnn_px
     cnn = keras.applications.InceptionV3(weights=None, include_top=False, pooling="avg",
-                                         input_shape=(299, 299, 3))
+                                         input_shape=(px, px, 3))
     cnn.trainable = False
     encode = tf.function(lambda x: cnn(x, training=False))
-    images = tf.random.uniform([B, 299, 299, 3], -1, 1)
+    images = tf.random.uniform([sz.batch, px, px, 3], -1, 1)
     encode(images).numpy()
     i, ratios, best = start, [], 0.0
-    for _ in range(rounds):
+    for _ in range(IM2TXT_ROUNDS):
         batch = next(batches)
         t0 = time.perf_counter()
         batch = dict(batch, features=encode(images[: len(plan[i])]))
-        float(loop.train_step(batch, tf.constant(i, tf.int64))[0])
+        float(step(batch, tf.constant(i, tf.int64))[0])
         im2txt = len(plan[i]) / (time.perf_counter() - t0)
-        dt, caps, _ = decoder_steps(loop, batches, plan, i + 1, 4)
-        i += 5
+        dt, caps, _ = decoder_steps(step, batches, plan, i + 1, PER_ROUND, sz)
+        i += 1 + PER_ROUND
         ratios.append(caps / dt / im2txt)
         best = max(best, im2txt)
     return float(np.median(ratios)), best
@@ -166,7 +204,7 @@ src = FeatureSource(store, PipelineConfig(in_memory="yes"), log=lambda m: None)
 n = len(store.keys)
 rng = np.random.default_rng(0)
 lengths = rng.integers(8, 20, 5 * n).astype(np.int32)
-caps = [rng.integers(3, 12000, k).astype(np.int32) for k in lengths]
+caps = [rng.integers(3, {vocab}, k).astype(np.int32) for k in lengths]
 pairs = PairSet(np.repeat(np.arange(n), 5), caps, lengths)
 pb = PairBatches(pairs, src, 32, 0)
 plan = pb.plan(0)
@@ -176,7 +214,7 @@ print(hwm() * 1024, base * 1024, src.array.nbytes)
 """
 
 
-def peak_memory(tmp: Path, n_images: int = 120_000) -> tuple[int, int, int]:
+def peak_memory(tmp: Path, n_images: int, vocab: int) -> tuple[int, int, int]:
     """(peak RSS bytes, RSS after imports, feature bytes) of a child holding an n-image float16 store."""
     path = tmp / "big.h5"
     rng = np.random.default_rng(1)
@@ -188,43 +226,62 @@ def peak_memory(tmp: Path, n_images: int = 120_000) -> tuple[int, int, int]:
             writer.commit(s, rng.normal(size=(min(step, n_images - s), D)).astype(np.float16),
                           np.ones(min(step, n_images - s), bool), [""] * min(step, n_images - s))
         writer.finish()
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD.format(repo=str(REPO), path=str(path))],
+    child = MEMORY_CHILD.format(repo=str(REPO), path=str(path), vocab=vocab)
+    out = subprocess.run([sys.executable, "-c", child],
                          capture_output=True, text=True, check=True)
     peak, base, nbytes = map(int, out.stdout.split())
     return peak, base, nbytes
 
 
+def thousands(n: int) -> str:
+    """120000 -> "120k"."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8, help="interleaved matmul/decoder timing rounds")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the 120k-image memory test")
-    parser.add_argument("--xla", action="store_true", help="XLA-compile the decoder step")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the in-memory store test")
+    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA,
+                        help="folder with captions_val2017.json (synthetic caption lengths when absent)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes (vocab 200, 32 units, batch 8, 2 rounds): checks the bench runs")
     args = parser.parse_args()
+    sz = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.rounds = min(args.rounds, 2)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        source, where = make_source(tmp, 2000, rng)
-        print(f"setup: vocab {V}, embedding {E}, lstm {U}, batch {B}, caption lengths from {where}, "
+        source, where = make_source(tmp, sz, rng, args.shared_data / "captions_val2017.json")
+        print(f"setup{' (smoke)' if args.smoke else ''}: vocab {sz.vocab}, embedding {sz.embed}, "
+              f"lstm {sz.units}, batch {sz.batch}, caption lengths from {where}, "
               f"{tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads")
-        config = TrainConfig(batch_size=B, steps=1, jit_compile=args.xla)
-        trainable = DecoderTrainable(build_decoder(ModelConfig(vocab_size=V), seed=0))
-        loop = _Loop(trainable, config, tf.distribute.get_strategy(), decay_steps=0)
-        batches, plan = make_batches(loop, source, 5 + args.rounds * 4 + 15)
-        mfu, caps_s, flops_s, peak = time_decoder(loop, batches, plan, args.rounds)
-        print(f"dense matmul (2048^3 float32), best of the run: {peak / 1e9:.1f} GFLOP/s")
+        config = TrainConfig(batch_size=sz.batch, steps=1)
+        strategy = choose_strategy()
+        with strategy.scope():
+            trainable = DecoderTrainable(build_decoder(
+                ModelConfig(vocab_size=sz.vocab, embedding_size=sz.embed, lstm_units=sz.units, feature_dim=D),
+                seed=0))
+            step = TrainStep(trainable, config, strategy, decay_steps=0)
+        im2txt_start = WARMUP + args.rounds * PER_ROUND
+        batches, plan = make_batches(step, source, im2txt_start + IM2TXT_ROUNDS * (1 + PER_ROUND))
+        mfu, caps_s, flops_s, peak = time_decoder(step, batches, plan, args.rounds, sz)
+        print(f"dense matmul ({sz.matmul}^3 float32), best of the run: {peak / 1e9:.1f} GFLOP/s")
         print(f"decoder train step from the cache, best round: {caps_s:.1f} captions/s, "
               f"{flops_s / 1e9:.1f} useful GFLOP/s (real words only)")
         print(f"model FLOP utilisation (decoder step / dense matmul, median of {args.rounds} interleaved "
               f"rounds): {mfu:.3f} (target >= 0.70)")
-        speedup, im2txt = time_im2txt(loop, batches, plan, 5 + args.rounds * 4)
-        print(f"im2txt-style step (frozen InceptionV3 at 299 px + the same decoder step), best: "
+        speedup, im2txt = time_im2txt(step, batches, plan, im2txt_start, sz)
+        print(f"im2txt-style step (frozen InceptionV3 at {sz.cnn_px} px + the same decoder step), best: "
               f"{im2txt:.2f} captions/s")
         if not args.skip_memory:
-            peak_rss, base_rss, nbytes = peak_memory(tmp)
-            print(f"120k-image float16 store in memory: features {nbytes / 2**20:.0f} MiB, peak RSS "
-                  f"{peak_rss / 2**20:.0f} MiB ({base_rss / 2**20:.0f} MiB after imports, 600k pairs)")
+            peak_rss, base_rss, nbytes = peak_memory(tmp, sz.memory_images, sz.vocab)
+            print(f"{thousands(sz.memory_images)}-image float16 store in memory: features "
+                  f"{nbytes / 2**20:.0f} MiB, peak RSS {peak_rss / 2**20:.0f} MiB "
+                  f"({base_rss / 2**20:.0f} MiB after imports, {thousands(5 * sz.memory_images)} pairs)")
         print(f"headline: training from the feature cache is {speedup:.1f}x faster than the im2txt-style "
-              f"step (median of 3 back-to-back pairs)")
+              f"step (median of {IM2TXT_ROUNDS} back-to-back pairs)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Caption annotations: one uniform record per image, read from COCO, Karpathy or Flickr8k files.
 
 `load_annotations(paths, fmt="auto", split_scheme="auto")` reads one or more files of one format, validates
-them and assigns train/val/test splits (see `data/splits.py`). Supported formats (`fmt`):
+them and assigns train/val/test splits; this module is the entry point over `data/records.py` (ImageRecord,
+path and id checks), `data/formats.py` (reading each format) and `data/splits.py` (the split schemes).
+Supported formats (`fmt`):
 
 - "coco": COCO `captions_*.json` (2014, 2017, or any file with "images" + "annotations"); an image entry may
   carry an optional "split" field (the file's own split). Paths: `file_name`, except COCO 2014 names
@@ -12,33 +14,23 @@ them and assigns train/val/test splits (see `data/splits.py`). Supported formats
 - "flickr8k": `Flickr8k.token.txt` (`name.jpg#k<TAB>caption`) with `Flickr_8k.{train,dev,test}Images.txt`
   looked up next to it (dev = val). A stray id like `x.jpg.1#0` is mapped back to `x.jpg` (noted).
 
-Flickr images have no dataset id: `flickr_image_id` derives one from the file name (see there).
+Flickr images have no dataset id: `data.records.flickr_image_id` derives one from the file name (see there).
 Bad entries (empty caption, caption of an unknown image, image without captions, non-UTF-8 line) are
 skipped and listed in `Annotations.skipped`; bad files (missing, unreadable, not UTF-8 JSON, unknown format,
 duplicate image ids or paths, a path outside the images root) raise `InputError`.
 """
 
-import hashlib
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from data import formats, splits
 from data.errors import InputError
+from data.formats import FORMATS
+from data.records import ImageRecord, check_unique
+from data.splits import SPLITS
 
-FORMATS = ("coco", "karpathy", "flickr8k")
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class ImageRecord:
-    """One image and its raw captions."""
-
-    image_id: int  # dataset id (COCO id, Karpathy cocoid, or derived from a Flickr file name)
-    path: str  # posix path relative to the images root (the feature store's key)
-    split: str | None  # "train" | "val" | "test" once assigned; None under scheme "none"
-    captions: list[str]  # raw captions, stripped, never empty
+__all__ = ["FORMATS", "SPLITS", "Annotations", "ImageRecord", "load_annotations"]
 
 
 @dataclass
@@ -91,8 +83,6 @@ def load_annotations(
     Returns:
       Annotations. Raises InputError (one sentence naming the file/entry) on a bad file or argument.
     """
-    from data import formats, splits  # formats imports this module's helpers
-
     if split_scheme not in splits.SPLIT_SCHEMES:
         raise InputError(
             f"Unknown split scheme {split_scheme!r}: use one of {', '.join(splits.SPLIT_SCHEMES)}."
@@ -104,7 +94,7 @@ def load_annotations(
         raise InputError("No caption file given.")
     reads, formats_seen = [], []
     for p in paths:
-        file_fmt, payload = formats.parse(Path(p), read_source(Path(p)), fmt)
+        file_fmt, payload = formats.parse(Path(p), formats.read_source(Path(p)), fmt)
         formats_seen.append(file_fmt)
         reads.append(formats.READERS[file_fmt](Path(p), payload))
     if len(set(formats_seen)) > 1:
@@ -120,86 +110,3 @@ def load_annotations(
     own = all(r.own_split for r in reads)
     records, scheme, dropped = splits.assign_splits(records, formats_seen[0], split_scheme, own, paths)
     return Annotations(records, formats_seen[0], [str(p) for p in paths], scheme, skipped + dropped, notes)
-
-
-# ---- helpers shared by the readers in data/formats.py ---------------------------------------------------
-
-
-def read_source(path: Path) -> bytes:
-    """The bytes of an annotation file; InputError when missing, a directory or unreadable."""
-    if not path.exists():
-        raise InputError(f"Caption file {path} does not exist.")
-    if path.is_dir():
-        raise InputError(f"Caption file {path} is a directory, not a file.")
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise InputError(f"Caption file {path} cannot be read: {err.strerror or err}.") from None
-
-
-def parse_json(path: Path, content: bytes):
-    """Decode UTF-8 (BOM allowed) JSON; InputError naming the file and the bad position."""
-    try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(f"Caption file {path} is not UTF-8 text (bad byte at offset {err.start}).") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(
-            f"Caption file {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})."
-        ) from None
-
-
-def safe_relpath(raw, source: Path, entry: str) -> str:
-    """Normalise an image path from a caption file; refuse one that leaves the images root.
-
-    Returns a posix path without "." parts. InputError for a non-string, empty, absolute ("/x", "C:\\x",
-    "~/x") or escaping ("../x", "a/../../x", backslash forms too) path.
-    """
-    entry = entry.removeprefix(f"{source.name}: ")
-    if not isinstance(raw, str) or not raw.strip():
-        raise InputError(f"Caption file {source}, {entry}: the image path is missing or empty.")
-    unified = raw.replace("\\", "/")
-    pure = PurePosixPath(unified)
-    if pure.is_absolute() or re.match(r"^[A-Za-z]:", unified) or unified.startswith("~"):
-        raise InputError(
-            f"Caption file {source}, {entry}: absolute image path {raw!r} refused "
-            f"(paths must be relative to the images folder)."
-        )
-    if ".." in pure.parts or "\x00" in unified:
-        raise InputError(
-            f"Caption file {source}, {entry}: image path {raw!r} leaves the images folder; refused."
-        )
-    parts = [p for p in pure.parts if p != "."]
-    if not parts:
-        raise InputError(f"Caption file {source}, {entry}: the image path {raw!r} names no file.")
-    return "/".join(parts)
-
-
-_LEADING_DIGITS = re.compile(r"^(\d{1,18})(?:[_.]|$)")
-
-
-def flickr_image_id(filename: str) -> int:
-    """A stable int id for a Flickr image file name.
-
-    Flickr names start with the photo's Flickr id (`2513260012_03d33305cf.jpg`, `1000092795.jpg`): that
-    number is the id. Any other name gets the first 8 bytes of its UTF-8 BLAKE2b-64 digest as a positive
-    63-bit int (same on every machine and run; unlike Python's hash()).
-    """
-    name = PurePosixPath(filename).name
-    m = _LEADING_DIGITS.match(name)
-    if m:
-        return int(m.group(1))
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
-
-
-def check_unique(records: list[ImageRecord], entries: list[str]) -> None:
-    """InputError on a duplicate image id or image path; entries[i] names where records[i] came from."""
-    by_id, by_path = {}, {}
-    for i, r in enumerate(records):
-        for key, seen, what in ((r.image_id, by_id, "image id"), (r.path, by_path, "image path")):
-            if key in seen:
-                raise InputError(f"Duplicate {what} {key!r}: {entries[seen[key]]} and {entries[i]}.")
-            seen[key] = i

@@ -9,3 +9,8 @@ skipped, counted and reported by the run that meets them.
 
 class InputError(Exception):
     """A bad argument or input file: stop at once with this one-sentence message."""
+
+
+class RunStopped(Exception):
+    """A long run stopped before it could produce a right result (disk full, training diverged): what was
+    committed is kept, the message says what happened and what to do; `cli.py` exits with status 1."""

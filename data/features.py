@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from data.atomic import atomic_path
 from data.errors import InputError
 
 FORMAT_NAME = "showtell-features"
@@ -104,8 +105,7 @@ def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, att
     shape = (n, dim) if views == 1 else (n, views, dim)
     row_bytes = views * dim * np.dtype(dtype).itemsize
     chunk_rows = max(1, min(n, CHUNK_BYTES // row_bytes))
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset(
                 "features", shape, dtype=dtype, chunks=(chunk_rows,) + shape[1:], fillvalue=0,
@@ -126,10 +126,6 @@ def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, att
             f.attrs["n_failed"] = np.int64(-1)
             f.attrs["complete"] = np.bool_(False)
             _fsync(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return StoreWriter(path)
 
 

@@ -1,17 +1,21 @@
 """Readers of the three caption formats into `ImageRecord`s (used by `data.captions.load_annotations`).
 
-Each reader takes the file's path and its parsed content and returns a `FileRead`: records in file order
-with `split` = the file's own split (None where the file gives none), a label per record for messages,
-skipped entries and repairs. Entry labels look like `captions.json: annotations[17]` or
-`Flickr8k.token.txt: line 6731`.
+`read_source` reads a caption file's bytes, `parse` detects its format (or checks a forced one) and parses
+it, and `READERS[format]` turns the parsed content into records. Each reader takes the file's path and its
+parsed content and returns a `FileRead`: records in file order with `split` = the file's own split (None
+where the file gives none), a label per record for messages, skipped entries and repairs. Entry labels look
+like `captions.json: annotations[17]` or `Flickr8k.token.txt: line 6731`.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.captions import ImageRecord, flickr_image_id, parse_json, safe_relpath
 from data.errors import InputError
+from data.records import ImageRecord, flickr_image_id, safe_relpath
+
+FORMATS = ("coco", "karpathy", "flickr8k")  # the keys of READERS, in this order
 
 # Own split names as files write them -> ours. Karpathy's "restval" is training data; Flickr's "dev" is val.
 _SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}
@@ -33,6 +37,32 @@ class FileRead:
     own_split: bool  # the file defines splits (Karpathy, Flickr lists found, COCO "split" fields)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry, reason)
     notes: list[tuple[str, str]] = field(default_factory=list)  # (entry, repair made)
+
+
+def read_source(path: Path) -> bytes:
+    """The bytes of an annotation file; InputError when missing, a directory or unreadable."""
+    if not path.exists():
+        raise InputError(f"Caption file {path} does not exist.")
+    if path.is_dir():
+        raise InputError(f"Caption file {path} is a directory, not a file.")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InputError(f"Caption file {path} cannot be read: {err.strerror or err}.") from None
+
+
+def parse_json(path: Path, content: bytes):
+    """Decode UTF-8 (BOM allowed) JSON; InputError naming the file and the bad position."""
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"Caption file {path} is not UTF-8 text (bad byte at offset {err.start}).") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"Caption file {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})."
+        ) from None
 
 
 def clean_caption(caption) -> str | None:

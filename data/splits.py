@@ -14,9 +14,10 @@
 import hashlib
 from collections.abc import Sequence
 
-from data.captions import ImageRecord
 from data.errors import InputError
+from data.records import ImageRecord
 
+SPLITS = ("train", "val", "test")
 SPLIT_SCHEMES = ("auto", "karpathy", "im2txt", "hash", "none")
 HASH_BUCKETS = 1000  # hash split: buckets [0, 900) train, [900, 950) val, [950, 1000) test
 HASH_TRAIN, HASH_VAL = 900, 950

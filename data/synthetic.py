@@ -8,10 +8,10 @@ list describing what was drawn (`colour`, `shape`, `size`, centre `x`, `y` in pi
 Few, distinct attributes so a small decoder can learn them from random-InceptionV3 features in minutes:
 5 saturated colours x 4 shapes x 2 sizes; two-shape images add a relation (above, below, left of, right of).
 Each image gets 3-5 paraphrased captions ("a red circle above a blue square", "there is a small red circle
-over a blue square", ...). Same seed -> same bytes.
+over a blue square", ...). Same seed -> same bytes. Checking generated captions against the drawn shapes is
+evaluation code: `evaluation/shapes.py`.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -178,29 +178,3 @@ def generate_shapes(
     }
     return atomic_write_json(out_dir / "captions.json", data, indent=1)
 
-
-def named_in(caption: str) -> tuple[set, set]:
-    """(colour words, shape words) that a caption names, e.g. "a red circle" -> ({"red"}, {"circle"})."""
-    words = caption.split()
-    return {w for w in words if w in COLOURS}, {w for w in words if w in SHAPES}
-
-
-def caption_accuracy(captions: dict, captions_json) -> dict:
-    """How many captions name exactly the drawn colours and shapes.
-
-    captions: {image id: generated caption}; captions_json: the file `generate_shapes` wrote (its images'
-    "shapes" lists are the truth). Returns {"single": [right, n], "pair": [right, n], "colour": [right, n]}
-    over the given images ("colour": the colour words alone, all images).
-    """
-    truth = {im["id"]: im["shapes"] for im in json.loads(Path(captions_json).read_text())["images"]}
-    out = {"single": [0, 0], "pair": [0, 0], "colour": [0, 0]}
-    for image_id, caption in captions.items():
-        shapes = truth[image_id]
-        colours, kinds = named_in(caption)
-        want_colours, want_kinds = {s["colour"] for s in shapes}, {s["shape"] for s in shapes}
-        key = "single" if len(shapes) == 1 else "pair"
-        out[key][0] += colours == want_colours and kinds == want_kinds
-        out[key][1] += 1
-        out["colour"][0] += colours == want_colours
-        out["colour"][1] += 1
-    return out

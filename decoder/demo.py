@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from evaluation.shapes import caption_accuracy
+
 DEMO_FILE = "demo.json"  # the settings of the demo that made a workdir
 OWNED = ("shapes", "features.h5", "model", "eval", "report.html", DEMO_FILE)  # what the demo writes
 
@@ -64,7 +66,7 @@ class DemoResult:
     captions_json: Path  # the synthetic set's COCO captions file
     model_dir: Path
     shown: list  # [(image path, generated caption, reference captions)] for the held-out test images
-    evaluation: object  # decoder.evaluate.EvalResult on the test split
+    evaluation: object  # decoder.infer.evaluate.EvalResult on the test split
     seconds: float
 
 
@@ -100,10 +102,10 @@ def run_demo(workdir="demo_run", cfg: DemoConfig | None = None, fresh: bool = Fa
     from data.captions import load_annotations
     from data.pipeline import PipelineConfig
     from data.synthetic import generate_shapes
-    from decoder.captioner import Captioner, caption_files
-    from decoder.config import TrainConfig
-    from decoder.evaluate import EvalConfig, run_evaluate
-    from decoder.train_decoder import DataConfig, train_decoder
+    from decoder.infer.captioner import Captioner, caption_files
+    from decoder.infer.evaluate import EvalConfig, run_evaluate
+    from decoder.train.config import TrainConfig
+    from decoder.train.train_decoder import DataConfig, train_decoder
     from extract.run import ExtractConfig, run_extract
 
     cfg = cfg or DemoConfig()
@@ -169,8 +171,6 @@ def _finale(echo, shown, ev, captions_json: Path, workdir: Path, seconds: float)
     for path, text, refs in shown:
         echo(f"{Path(path).name}: {text}")
         echo(f"    refs: {' | '.join(refs[:3])}")
-    from data.synthetic import caption_accuracy
-
     acc = caption_accuracy({it.record.image_id: it.caption for it in ev.items}, captions_json)
     echo("test captions naming exactly the drawn colours and shapes: "
          + ", ".join(f"{name} {r}/{n} ({r / n:.0%})" for name, (r, n) in

@@ -15,7 +15,6 @@ ids >= len(vocab) decode as <UNK>. `global_step`, optimizer slots and slim's cla
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import InputError
-from extract.encoder import FEATURE_DIM
+from data.locks import exclusive
+from data.vocab import Vocabulary
+from decoder.config import ModelConfig
+from decoder.model import build_decoder
+from decoder.modeldir import read_config, save_model_dir
+from extract.encoder import FEATURE_DIM, CNNSpec, build_encoder, encoder_and_spec, weights_fingerprint
 from extract.slim import SCOPE, CheckpointReader, assign_slim_weights, is_skippable
 
 IMAGE_EMBEDDING = "image_embedding/weights"
@@ -72,8 +76,6 @@ def find_lstm(reader: CheckpointReader) -> tuple[str, str]:
 
 def decoder_shapes(reader: CheckpointReader, lstm: tuple[str, str]):
     """ModelConfig of the checkpoint's decoder, after checking every decoder shape (InputError on any)."""
-    from decoder.config import ModelConfig
-
     for name in (IMAGE_EMBEDDING, SEQ_EMBEDDING, LOGITS_W, LOGITS_B) + lstm:
         if name not in reader.shapes:
             raise InputError(f"The checkpoint {reader.prefix} lacks the variable {name}.")
@@ -105,8 +107,6 @@ def convert_lstm(kernel: np.ndarray, bias: np.ndarray, input_size: int, forget_b
 
 def convert_decoder(reader: CheckpointReader, seed: int = 0):
     """Build our ShowAndTell decoder with the checkpoint's weights. Returns (model, ModelConfig, names)."""
-    from decoder.model import build_decoder
-
     lstm = find_lstm(reader)
     config = decoder_shapes(reader, lstm)
     model = build_decoder(config, seed=seed)
@@ -136,12 +136,11 @@ def check_names(reader: CheckpointReader, lstm: tuple[str, str], has_cnn: bool) 
 
 def _check_out(out_dir: Path, prefix: str) -> None:
     """Refuse to overwrite a model dir that is not an earlier import of the same checkpoint."""
-    config = out_dir / "config.json"
-    if not config.exists():
+    if not (out_dir / "config.json").exists():
         return
     try:
-        previous = json.loads(config.read_text(encoding="utf-8")).get("import", {}).get("checkpoint")
-    except (OSError, ValueError):
+        previous = read_config(out_dir).get("import", {}).get("checkpoint")
+    except InputError:  # not ours, or damaged: never overwrite it
         previous = None
     if previous != prefix:
         raise InputError(f"{out_dir} already holds a model dir; choose another --out.")
@@ -149,8 +148,6 @@ def _check_out(out_dir: Path, prefix: str) -> None:
 
 def _cnn(reader: CheckpointReader, has_cnn: bool, cnn_weights: str | None, image_size: int):
     """(encoder, CNN block, names used) for the checkpoint's own InceptionV3 or `cnn_weights`."""
-    from extract.encoder import CNNSpec, build_encoder, encoder_and_spec, weights_fingerprint
-
     if has_cnn:
         if cnn_weights is not None:
             raise InputError(f"The checkpoint {reader.prefix} has its own InceptionV3: drop --cnn-weights.")
@@ -171,13 +168,16 @@ def import_im2txt(checkpoint, vocab_path, out_dir, cnn_weights: str | None = Non
     """Convert an im2txt checkpoint into a model dir at `out_dir` (config.json, word_counts.txt,
     decoder.weights.h5, cnn.weights.h5 when the checkpoint holds the InceptionV3). Everything is
     validated (names, shapes, vocabulary size) before any value is read or any file written."""
-    from data.vocab import Vocabulary
-    from decoder.modeldir import save_model_dir
-
     reader = CheckpointReader(checkpoint)
     vocab = Vocabulary.load(vocab_path)
     out_dir = Path(out_dir)
-    _check_out(out_dir, reader.prefix)
+    with exclusive(out_dir, folder=True):
+        _check_out(out_dir, reader.prefix)
+        return _import(reader, vocab, vocab_path, out_dir, cnn_weights, image_size)
+
+
+def _import(reader: CheckpointReader, vocab: Vocabulary, vocab_path, out_dir: Path, cnn_weights: str | None,
+            image_size: int) -> ImportReport:
     lstm = find_lstm(reader)
     config = decoder_shapes(reader, lstm)
     if len(vocab) > config.vocab_size:
@@ -200,5 +200,6 @@ def import_im2txt(checkpoint, vocab_path, out_dir, cnn_weights: str | None = Non
     extra = {"import": {"from": "im2txt", "checkpoint": reader.prefix, "vocab": os.path.abspath(vocab_path),
                         "lstm_variables": list(lstm), "global_step": step, "forget_bias_folded": FORGET_BIAS,
                         "vocab_words": len(vocab), "skipped": skipped}}
-    save_model_dir(out_dir, model, config, vocab, cnn, extra=extra, cnn_weights_src=encoder)
+    save_model_dir(out_dir, model, config, vocab, cnn, extra=extra, cnn_weights_src=encoder,
+                   command="import-im2txt")
     return report

@@ -1,21 +1,34 @@
-"""The model dir: config.json, word_counts.txt, decoder.weights.h5 (+ cnn.weights.h5); atomic writes.
+"""How a model dir is written and read: the one writer/reader used by every command that makes one
+(train-decoder, finetune, train-scst, import-im2txt) and every command that reads one (caption, evaluate,
+export, finetune, train-scst).
 
+Files: config.json, word_counts.txt, decoder.weights.h5 (+ cnn.weights.h5 when the CNN was fine-tuned or
+imported), and, from training, checkpoints/, logs/, metrics.jsonl.
 config.json = {"format": "showtell-model", "version": 1, "model": ModelConfig dict, "vocab_size": int,
-               "cnn": the feature store's CNN block, ...extra (e.g. "train": TrainConfig dict, "data": ...)}.
+               "vocab": {"words": int, "sha256": hex of word_counts.txt's bytes}, "cnn": CNN block,
+               "command": the command that writes the dir, ...that command's blocks ("train", "data", ...)}.
+Life cycle of a training run: `prepare_run_dir` (refuse a dir holding another run, or clear it with
+--overwrite) -> `start_run_dir` (the run's vocabulary and config, so a killed run resumes) -> the loop's
+checkpoints -> `save_model_dir` (final weights, then config.json last). `load_model_dir` checks the
+vocabulary's digest, so a changed word_counts.txt is refused instead of giving nonsense captions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.atomic import atomic_write_json
+from data.atomic import atomic_path, atomic_write_json
 from data.errors import InputError
+from data.vocab import Vocabulary
 from decoder.config import ModelConfig
 from decoder.model import ShowAndTell, build_decoder
+from decoder.train.config import recipe_differences
+from extract.encoder import CNNSpec, build_encoder, check_fingerprint, weights_fingerprint
+from extract.preprocess import resize_size
 
 FORMAT_NAME = "showtell-model"
 FORMAT_VERSION = 1
@@ -23,6 +36,8 @@ CONFIG_FILE = "config.json"
 VOCAB_FILE = "word_counts.txt"
 DECODER_WEIGHTS = "decoder.weights.h5"
 CNN_WEIGHTS = "cnn.weights.h5"
+RUN_FILES = (CONFIG_FILE, VOCAB_FILE, DECODER_WEIGHTS, CNN_WEIGHTS, "metrics.jsonl")  # what a run writes
+RUN_DIRS = ("checkpoints", "logs")
 
 
 @dataclass
@@ -31,23 +46,16 @@ class LoadedModel:
 
     model: ShowAndTell  # the decoder with its trained weights
     config: dict  # the whole config.json
-    vocab: object  # data.vocab.Vocabulary
+    vocab: Vocabulary
     cnn: dict  # the CNN block (arch, weights, seed, image_size, resize_size, fingerprint)
     cnn_weights_path: Path | None  # cnn.weights.h5 when the CNN was fine-tuned or imported
+    model_dir: Path
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def save_weights_atomic(model, path: Path) -> None:
-    """`model.save_weights` to a temp `.weights.h5` name, fsync, rename to `path`."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5")
-    model.save_weights(str(tmp))
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+def vocab_block(path: Path) -> dict:
+    """{"words": ids in the vocabulary file (with <UNK>), "sha256": digest of its bytes}."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"words": len(Vocabulary.load(path)), "sha256": digest}
 
 
 def read_config(model_dir: Path) -> dict | None:
@@ -57,51 +65,100 @@ def read_config(model_dir: Path) -> dict | None:
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"{path} is not a readable JSON model config ({err}).") from None
-    if config.get("format") != FORMAT_NAME:
-        raise InputError(f"{path} is not a showtell model config (format {config.get('format')!r}).")
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise InputError(f"{path} is not a showtell model config.")
     if config.get("version") != FORMAT_VERSION:
         raise InputError(f"{path} has model-dir version {config.get('version')!r}; this showtell reads "
                          f"version {FORMAT_VERSION}.")
     return config
 
 
-def make_config(model_config: ModelConfig, vocab_size: int, cnn: dict, extra: dict | None = None) -> dict:
-    """The config.json content."""
+def make_config(model_config: ModelConfig, vocab: Vocabulary, cnn: dict, command: str,
+                extra: dict | None = None) -> dict:
+    """The config.json content of a model dir written by `command` (the "vocab" digest block is added
+    when the vocabulary file is written: start_run_dir, save_model_dir)."""
     config = dict(extra or {})
-    config.update({"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model_config.to_dict(),
-                   "vocab_size": int(vocab_size), "cnn": dict(cnn or {})})
+    config.update({"format": FORMAT_NAME, "version": FORMAT_VERSION, "command": command,
+                   "model": model_config.to_dict(), "vocab_size": len(vocab), "cnn": dict(cnn or {})})
     return config
 
 
-def save_model_dir(model_dir, model, model_config: ModelConfig, vocab, cnn: dict, extra: dict | None = None,
-                   cnn_weights_src=None) -> Path:
-    """Write config.json, word_counts.txt, decoder.weights.h5 and optionally cnn.weights.h5, atomically.
+def clear_run(out: Path) -> None:
+    """Remove what a previous run wrote in `out` (for --overwrite); other files are left alone."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for sub in [*RUN_DIRS, *[p.name for p in out.glob("worker-*")]]:
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def prepare_run_dir(out, config: dict, identity: tuple[str, ...], overwrite: bool, option: str) -> None:
+    """Check `out` before a run: a dir holding another run (another command, or `identity` blocks of
+    config.json or resume-relevant recipe settings that differ) is refused unless `overwrite`, which
+    clears it."""
+    out = Path(out)
+    saved = read_config(out) if out.is_dir() else None
+    if saved is None:
+        if overwrite and out.is_dir():
+            clear_run(out)
+        return
+    diffs = ["command"] if saved.get("command", config["command"]) != config["command"] else []
+    diffs += [k for k in identity if saved.get(k) != config.get(k)]
+    diffs += [f"train.{k}" for k in recipe_differences(saved.get("train", {}), config.get("train", {}))]
+    if overwrite:
+        clear_run(out)
+    elif diffs:
+        raise InputError(f"{option} {out} holds a different run (different configuration: "
+                         f"{', '.join(diffs)}): use another {option}, or --overwrite to start it afresh.")
+
+
+def start_run_dir(out_dir: Path, vocab: Vocabulary, config: dict) -> None:
+    """Write the run's vocabulary and config.json at its start (a killed run resumes from them)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab.save(out_dir / VOCAB_FILE)
+    atomic_write_json(out_dir / CONFIG_FILE, {**config, "vocab": vocab_block(out_dir / VOCAB_FILE)})
+
+
+def save_weights(model, path: Path) -> None:
+    """`model.save_weights(path)` atomically (Keras wants a `.weights.h5` name, so the temp name keeps it)."""
+    with atomic_path(path, ".weights.h5") as tmp:
+        model.save_weights(str(tmp))
+
+
+def save_model_dir(model_dir, model, model_config: ModelConfig, vocab: Vocabulary, cnn: dict,
+                   extra: dict | None = None, cnn_weights_src=None, command: str = "api") -> Path:
+    """Write word_counts.txt, decoder.weights.h5, optionally cnn.weights.h5, and config.json last.
 
     cnn_weights_src: None, a path to a `.weights.h5` file (copied), or a Keras model (its save_weights).
-    Returns the model dir.
-    """
+    command: the command writing the dir ("api" for a Python caller). Returns the model dir."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(model_dir / VOCAB_FILE)
-    save_weights_atomic(model, model_dir / DECODER_WEIGHTS)
-    if cnn_weights_src is not None:
-        if hasattr(cnn_weights_src, "save_weights"):
-            save_weights_atomic(cnn_weights_src, model_dir / CNN_WEIGHTS)
-        else:
-            tmp = model_dir / f"{CNN_WEIGHTS}.tmp-{os.getpid()}"
+    save_weights(model, model_dir / DECODER_WEIGHTS)
+    if hasattr(cnn_weights_src, "save_weights"):
+        save_weights(cnn_weights_src, model_dir / CNN_WEIGHTS)
+    elif cnn_weights_src is not None:
+        with atomic_path(model_dir / CNN_WEIGHTS) as tmp:
             shutil.copyfile(cnn_weights_src, tmp)
-            _fsync_file(tmp)
-            os.replace(tmp, model_dir / CNN_WEIGHTS)
-    atomic_write_json(model_dir / CONFIG_FILE, make_config(model_config, len(vocab), cnn, extra))
+    config = make_config(model_config, vocab, cnn, command, extra)
+    atomic_write_json(model_dir / CONFIG_FILE, {**config, "vocab": vocab_block(model_dir / VOCAB_FILE)})
     return model_dir
+
+
+def check_vocab(model_dir: Path, config: dict) -> Vocabulary:
+    """The model dir's vocabulary, refused (InputError) when it is not the one the model was trained with."""
+    path = model_dir / VOCAB_FILE
+    vocab = Vocabulary.load(path)
+    want = config.get("vocab") or {}
+    if want.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != want["sha256"]:
+        raise InputError(f"{path} changed after the model was trained ({len(vocab)} words now, "
+                         f"{want.get('words')} then; its digest differs): restore the original file.")
+    return vocab
 
 
 def load_model_dir(model_dir) -> LoadedModel:
     """Rebuild the decoder from a model dir; InputError naming the file when something is missing or wrong."""
-    from data.vocab import Vocabulary
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"Model dir {model_dir} does not exist.")
@@ -111,7 +168,7 @@ def load_model_dir(model_dir) -> LoadedModel:
     weights = model_dir / DECODER_WEIGHTS
     if not weights.exists():
         raise InputError(f"{weights} is missing: the model dir holds no trained decoder yet.")
-    vocab = Vocabulary.load(model_dir / VOCAB_FILE)
+    vocab = check_vocab(model_dir, config)
     model_config = ModelConfig.from_dict(config["model"])
     # An imported im2txt model has more embedding rows (12000) than vocabulary ids (11520): the extra rows
     # are never produced by encode() and decode to <UNK>. Fewer rows than ids cannot work.
@@ -125,4 +182,35 @@ def load_model_dir(model_dir) -> LoadedModel:
         raise InputError(f"{weights} does not fit the model in {CONFIG_FILE} ({err}).") from None
     cnn_path = model_dir / CNN_WEIGHTS
     return LoadedModel(model=model, config=config, vocab=vocab, cnn=dict(config.get("cnn") or {}),
-                       cnn_weights_path=cnn_path if cnn_path.exists() else None)
+                       cnn_weights_path=cnn_path if cnn_path.exists() else None, model_dir=model_dir)
+
+
+def cnn_spec(loaded: LoadedModel, image_size: int | None = None) -> CNNSpec:
+    """The model dir's CNN as a CNNSpec: its CNN block, with the dir's cnn.weights.h5 (fine-tuned or
+    imported) as weights when present, at `image_size` when given. InputError when no CNN is recorded."""
+    if not loaded.cnn or not loaded.cnn.get("arch"):
+        raise InputError(f"{loaded.model_dir / CONFIG_FILE} has no CNN record: it was trained from a "
+                         "feature store without a CNN block, so it can only caption --features (and cannot "
+                         "be fine-tuned).")
+    spec = CNNSpec.from_dict(loaded.cnn)
+    if loaded.cnn_weights_path is not None:
+        spec.weights = str(loaded.cnn_weights_path)
+    if image_size:
+        spec.image_size, spec.resize_size = int(image_size), resize_size(int(image_size))
+    return spec
+
+
+def load_cnn(loaded, image_size: int | None = None):
+    """(InceptionV3 with the model dir's CNN weights, its CNN block with the fingerprint) — InputError when
+    the dir records no CNN, it cannot be built, or it does not reproduce the recorded fingerprint."""
+    spec = cnn_spec(loaded, image_size)
+    try:
+        model = build_encoder(spec)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to rebuild is a bad model dir
+        raise InputError(f"The CNN of {loaded.model_dir} cannot be rebuilt ({err}).") from None
+    got = weights_fingerprint(model)
+    check_fingerprint(got, loaded.cnn.get("fingerprint", ""), f"the CNN rebuilt from {spec.weights}",
+                      str(loaded.model_dir / "config.json"))
+    return model, {**spec.to_dict(), "fingerprint": got}

@@ -117,6 +117,25 @@ def build_encoder(cnn) -> "keras.Model":  # noqa: F821
     return model
 
 
+def check_fingerprint(got: str, want: str, built_from: str, recorded_in: str, strict: bool = False) -> None:
+    """THE CNN fingerprint check: InputError when the fingerprint `got` of the CNN of `built_from` (built
+    weights, or a feature store) is not `want`, recorded in `recorded_in`. An empty `want` (not recorded)
+    passes unless `strict` (store vs model dir: both must record the same)."""
+    if (want or strict) and got != want:
+        raise InputError(f"{built_from} has CNN fingerprint {got[:12] or 'none'} but {recorded_in} records "
+                         f"{want[:12] or 'none'}: features and model must come from the same CNN weights "
+                         "(re-extract with the model's CNN).")
+
+
+def check_same_cnn(store_cnn: dict, model_cnn: dict, store_name, model_name) -> None:
+    """InputError unless a feature store's CNN block matches a model dir's: fingerprint and image size."""
+    check_fingerprint(store_cnn.get("fingerprint", ""), model_cnn.get("fingerprint", ""),
+                      f"feature store {store_name}", str(model_name), strict=True)
+    if int(store_cnn.get("image_size", 0)) != int(model_cnn.get("image_size", 0)):
+        raise InputError(f"feature store {store_name} has image size {store_cnn.get('image_size')} but "
+                         f"{model_name} expects {model_cnn.get('image_size')}.")
+
+
 def encoder_and_spec(cnn, expect_fingerprint: bool = False):
     """Build the encoder and return (model, CNNSpec with its fingerprint filled in).
 
@@ -125,8 +144,6 @@ def encoder_and_spec(cnn, expect_fingerprint: bool = False):
     spec = cnn if isinstance(cnn, CNNSpec) else CNNSpec.from_dict(cnn)
     model = build_encoder(spec)
     got = weights_fingerprint(model)
-    if expect_fingerprint and spec.fingerprint and spec.fingerprint != got:
-        raise InputError(
-            f"CNN weights {spec.weights} have fingerprint {got[:12]}, expected {spec.fingerprint[:12]}."
-        )
+    if expect_fingerprint:
+        check_fingerprint(got, spec.fingerprint, spec.weights, "the CNN block")
     return model, CNNSpec(**{**spec.to_dict(), "fingerprint": got})

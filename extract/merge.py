@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_path
 from data.errors import InputError
 from data.features import create_store, open_store
 from extract.inputs import check_output
@@ -103,8 +104,7 @@ def _write(stores, out: Path) -> str:
     attrs.update(run=run, run_id=hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest(),
                  shard=0, num_shards=1, total_rows=total, merged_from=[str(s.path) for s in stores])
     attrs.pop("config", None)
-    tmp = out.with_name(f"{out.name}.tmp-merge-{os.getpid()}")
-    try:
+    with atomic_path(out, ".merge") as tmp:
         writer = create_store(tmp, keys, ids, dim=first.dim, views=first.views, dtype=str(first.dtype),
                               attrs=attrs)
         with writer:
@@ -123,10 +123,6 @@ def _write(stores, out: Path) -> str:
                         errors[i] = store.errors[j]
                 writer.commit(start, feats, ok, errors)
             writer.finish()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     failed = Counter(error_category(e) for s in stores for e, ok in zip(s.errors, s.ok, strict=True)
                      if not ok)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(failed.items()))

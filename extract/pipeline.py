@@ -62,14 +62,6 @@ def make_dataset(files: list, keys: list[str], start: int, *, image_size: int, v
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def devices() -> tuple[list, tf.distribute.Strategy]:
-    """(visible GPUs, strategy): MirroredStrategy over all GPUs when there are several, else the default."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) > 1:
-        return gpus, tf.distribute.MirroredStrategy()
-    return gpus, tf.distribute.get_strategy()
-
-
 def make_infer(model, strategy: tf.distribute.Strategy):
     """float32 [B, S, S, 3] -> np.float32 [B, 2048]; splits the batch over the replicas of `strategy`."""
 
@@ -122,17 +114,10 @@ def inference_encoder(spec):
 
 
 def _build_new(spec):
-    import keras
-
+    from extract.devices import accelerators, choose_strategy, dtype_policy
     from extract.encoder import encoder_and_spec
 
-    gpus, strategy = devices()
-    previous = keras.mixed_precision.dtype_policy()
-    if gpus:
-        keras.mixed_precision.set_dtype_policy("mixed_float16")
-    try:
-        with strategy.scope():
-            model, spec = encoder_and_spec(spec)
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)
+    strategy = choose_strategy()
+    with dtype_policy("mixed_float16" if accelerators() else "float32"), strategy.scope():
+        model, spec = encoder_and_spec(spec)
     return make_infer(model, strategy), spec

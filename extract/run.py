@@ -17,16 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InputError
+from data.errors import InputError, RunStopped
 from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
 from extract.inputs import Rows, check_output, gather_rows
 from extract.pipeline import inference_encoder
 from extract.preprocess import MAX_PIXELS, error_category
-
-
-class RunStopped(Exception):
-    """The run stopped cleanly (e.g. disk full); committed rows are kept and a rerun resumes."""
 
 
 @dataclass

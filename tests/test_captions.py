@@ -1,12 +1,13 @@
-"""data/captions.py + data/formats.py: the three caption formats, detection, and every bad-input case."""
+"""data/captions.py, formats.py, records.py: the three caption formats, detection, every bad-input case."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from data.captions import Annotations, ImageRecord, flickr_image_id, load_annotations
+from data.captions import Annotations, ImageRecord, load_annotations
 from data.errors import InputError
+from data.records import flickr_image_id
 
 
 def write_json(path: Path, data) -> Path:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from data.synthetic import named_in as named
+from evaluation.shapes import named_in as named
 
 
 @pytest.mark.slow

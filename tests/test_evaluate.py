@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import CNN, make_dataset, write_store
 
 from cli import main
-from tests.test_train_fixtures import CNN, make_dataset, write_store
 
 
 def evaluate(*args):
@@ -19,8 +19,8 @@ def evaluate(*args):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained by train_decoder on the 8-d fixture store (6 val images), and its result."""
-    from decoder.config import TrainConfig
-    from decoder.train_decoder import DataConfig, train_decoder
+    from decoder.train.config import TrainConfig
+    from decoder.train.train_decoder import DataConfig, train_decoder
 
     root = tmp_path_factory.mktemp("evaluate")
     store, captions = make_dataset(root, n_images=24, n_val=6)
@@ -58,7 +58,7 @@ def test_writes_coco_results_metrics_table_and_report(trained):
 
 
 def test_perplexity_is_the_decoders_validation_perplexity(trained):
-    from decoder.evaluate import EvalConfig, run_evaluate
+    from decoder.infer.evaluate import EvalConfig, run_evaluate
 
     root, store, captions, model_dir, result = trained
     ev = run_evaluate(EvalConfig(model_dir=str(model_dir), captions=[str(captions)], features=str(store),
@@ -75,7 +75,7 @@ def test_skips_rows_without_features_and_counts_them(tmp_path):
     """Captioned images missing from the store or with /ok false are skipped and reported, not fatal."""
     from data.vocab import Vocabulary
     from decoder.config import ModelConfig
-    from decoder.evaluate import EvalConfig, run_evaluate
+    from decoder.infer.evaluate import EvalConfig, run_evaluate
     from decoder.model import build_decoder
     from decoder.modeldir import save_model_dir
 
@@ -137,7 +137,7 @@ def test_images_and_features_give_the_same_evaluation(tmp_path):
     from data.synthetic import generate_shapes
     from data.vocab import Vocabulary
     from decoder.config import ModelConfig
-    from decoder.evaluate import EvalConfig, run_evaluate
+    from decoder.infer.evaluate import EvalConfig, run_evaluate
     from decoder.model import build_decoder
     from decoder.modeldir import save_model_dir
     from extract.run import ExtractConfig, run_extract

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from test_preprocess import make_good_images, make_odd_images
 
-from data.errors import InputError
+from data.errors import InputError, RunStopped
 from data.features import StoreWriter, open_store
 from extract.merge import merge_shards
-from extract.run import ExtractConfig, RunStopped, run_extract
+from extract.run import ExtractConfig, run_extract
 
 S = 75
 BAD = {"odd/zero.jpg": "empty", "odd/text.jpg": "not-an-image", "odd/truncated.jpg": "truncated",

@@ -20,10 +20,12 @@ from data.errors import InputError
 from data.synthetic import generate_shapes
 from data.vocab import Vocabulary
 from decoder.config import ModelConfig
-from decoder.finetune import FinetuneConfig, FinetuneTrainable, block_of_layers, finetune, phase2_recipe
-from decoder.finetune_data import BadImages, ImageBatches, image_pairs
+from decoder.infer.features import model_encoder
 from decoder.model import build_decoder
 from decoder.modeldir import load_model_dir, save_model_dir
+from decoder.train.cnn_blocks import block_of_layers
+from decoder.train.finetune import FinetuneConfig, FinetuneTrainable, finetune, phase2_recipe
+from decoder.train.image_batches import BadImages, ImageBatches, image_pairs
 from extract.encoder import CNNSpec, encoder_and_spec, weights_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,7 +162,7 @@ def test_resume_after_kill_and_caption_with_new_cnn(setup, tmp_path):
     """`finetune` killed with SIGKILL mid-run resumes (here in another process layout: in-process, where
     Keras names the layers differently) and finishes; the whole CNN (stem included) changed, BN statistics
     did not; `caption` rebuilds the new CNN from the new model dir and its features differ from the old."""
-    from decoder.captioner import Captioner, caption_files
+    from decoder.infer.captioner import Captioner, caption_files
 
     out = tmp_path / "ft_all"
     args = ["--steps", "4", "--checkpoint-every", "2", "--eval-every", "0", "--learning-rate", "0.05"]
@@ -192,7 +194,7 @@ def test_resume_after_kill_and_caption_with_new_cnn(setup, tmp_path):
     assert not np.array_equal(setup["initial"][0], cnn.weights[0].numpy())  # the stem's first conv
     batch = _fixed_batch(setup, 2)
     captioner = Captioner(out)
-    new_features = np.asarray(captioner.encoder()(batch["images"]))  # built from out/cnn.weights.h5
+    new_features = np.asarray(model_encoder(captioner.loaded)(batch["images"]))  # from out/cnn.weights.h5
     np.testing.assert_allclose(new_features, cnn(batch["images"], training=False), rtol=1e-4, atol=1e-6)
     old_features = np.asarray(setup["cnn"](batch["images"], training=False))
     assert np.abs(new_features - old_features).max() > 1e-3 * np.abs(old_features).max()
@@ -220,7 +222,7 @@ def test_bad_arguments(setup, tmp_path):
     shutil.copytree(setup["trained"], wrong)
     wrong_cnn = {**config["cnn"], "fingerprint": "feed"}
     (wrong / "config.json").write_text(json.dumps({**config, "cnn": wrong_cnn}))
-    with pytest.raises(InputError, match="cannot be rebuilt"):
+    with pytest.raises(InputError, match="fingerprint .* records feed"):
         finetune(FinetuneConfig(str(wrong), [str(setup["images"])], [str(setup["captions"])]),
                  tmp_path / "o3", train, **quiet)
     assert not (tmp_path / "o3").exists()

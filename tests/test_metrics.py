@@ -1,4 +1,5 @@
-"""data/metrics.py: scores equal pycocoevalcap's COCOEvalCap procedure; the no-java fallback; JSON, table."""
+"""evaluation/metrics.py: scores equal pycocoevalcap's COCOEvalCap procedure; the no-java fallback; JSON
+files and the table."""
 
 import copy
 import json
@@ -7,18 +8,21 @@ import math
 import numpy as np
 import pytest
 
-from data import metrics
 from data.errors import InputError
-from data.metrics import (
+from evaluation import metrics
+from evaluation.metrics import (
     MetricsResult,
     fallback_tokenize,
     format_metrics_table,
+    metrics_footer,
+    metrics_rows,
     ptb_tokenize,
     score_captions,
     spice_status,
     write_metrics_json,
     write_results_json,
 )
+from evaluation.report import write_report
 
 COCO_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 needs_java = pytest.mark.skipif(metrics.find_java() is None, reason="java is not on the PATH")
@@ -61,7 +65,8 @@ def sample(shared_data):
 @pytest.fixture(scope="module")
 def one_meteor_jvm():
     """METEOR's JVM takes ~6 s of CPU to load its paraphrase table: start it once for the module, and let both
-    COCOEvalCap and data.metrics construct "Meteor()" as this instance (data.metrics stops it when done)."""
+    COCOEvalCap and evaluation.metrics construct "Meteor()" as this instance (evaluation.metrics stops it when
+    done)."""
     from pycocoevalcap import eval as coco_eval
     from pycocoevalcap.meteor import meteor as meteor_module
 
@@ -108,7 +113,7 @@ def coco_reference(sample, one_meteor_jvm, tmp_path_factory):
 @needs_java
 def test_scores_equal_cocoevalcap(sample, one_meteor_jvm, coco_reference):
     ours = score_captions(*sample)
-    assert one_meteor_jvm.meteor_p.poll() is not None  # data.metrics used METEOR and stopped its JVM
+    assert one_meteor_jvm.meteor_p.poll() is not None  # evaluation.metrics used METEOR and stopped its JVM
     assert ours.tokenizer == "ptb"
     assert ours.n_images == 20
     for key in COCO_KEYS:
@@ -242,6 +247,37 @@ def test_write_json_and_table(tmp_path):
     rows = [row.split() for row in table]
     assert ["BLEU-4", "0.2500"] in rows and ["METEOR", "skipped"] in rows and ["SPICE", "nan"] in rows
     assert table[-1] == "note: METEOR skipped"
+
+
+def test_results_json_keeps_file_name_and_refuses_non_coco_entries(tmp_path):
+    path = write_results_json(tmp_path / "r.json", [
+        {"image_id": 7, "caption": "a dog", "file_name": "imgs/7.jpg"},
+        {"image_id": -1, "caption": "a cat", "file_name": "photos/cat.png", "logprob": -3.2}])
+    assert json.loads(path.read_text()) == [
+        {"image_id": 7, "caption": "a dog", "file_name": "imgs/7.jpg"},
+        {"image_id": -1, "caption": "a cat", "file_name": "photos/cat.png"}]
+    assert write_results_json(tmp_path / "empty.json", []).read_text() == "[]\n"
+    for bad in ({"image_id": "7", "caption": "x"}, {"image_id": True, "caption": "x"},
+                {"image_id": 7, "caption": None}, {"image_id": 7, "caption": "x", "file_name": 3}, "7"):
+        with pytest.raises(InputError):
+            write_results_json(tmp_path / "bad.json", [{"image_id": 1, "caption": "ok"}, bad])
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_text_and_html_tables_share_their_rows(tmp_path):
+    result = MetricsResult(corpus={"CIDEr": 0.5, "Bleu_1": 0.25}, per_image={1: {"CIDEr": 0.5}},
+                           tokenizer="ptb", n_images=1)
+    rows = metrics_rows(result, {"perplexity": 3.0})
+    assert rows == [("perplexity", "3.0000"), ("BLEU-1", "0.2500"), ("BLEU-2", "skipped"),
+                    ("BLEU-3", "skipped"), ("BLEU-4", "skipped"), ("METEOR", "skipped"),
+                    ("ROUGE-L", "skipped"), ("CIDEr", "0.5000")]
+    table = format_metrics_table(result, {"perplexity": 3.0}).splitlines()
+    assert [tuple(line.rsplit(None, 1)) for line in table[1:-1]] == rows
+    assert table[-1] == metrics_footer(result) == "1 images, tokenizer: PTB"
+    page = write_report(tmp_path / "r.html", [{"image_id": 1, "caption": "c"}], result,
+                        extra={"perplexity": 3.0}).path.read_text()
+    assert "".join(f"<tr><td>{n}</td><td>{v}</td></tr>" for n, v in rows) in page
+    assert metrics_footer(result) in page
 
 
 def test_ptb_failure_falls_back(monkeypatch):

@@ -6,9 +6,10 @@ import tensorflow as tf
 
 from data.errors import InputError
 from data.vocab import Vocabulary
-from decoder.config import ModelConfig, TrainConfig
+from decoder.config import ModelConfig
 from decoder.model import build_decoder, lstm_sequence
 from decoder.modeldir import load_model_dir, save_model_dir
+from decoder.train.config import TrainConfig
 
 CFG = ModelConfig(vocab_size=30, embedding_size=16, lstm_units=12, feature_dim=8)
 

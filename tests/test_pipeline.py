@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import numpy as np
-from test_train_fixtures import write_store
+from helpers import write_store
 
 from data.captions import ImageRecord
 from data.features import open_store

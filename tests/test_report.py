@@ -1,4 +1,5 @@
-"""data/report.py: a self-contained, escaped HTML page, worst CIDEr first, placeholders for bad images."""
+"""evaluation/report.py: a self-contained, escaped HTML page, worst CIDEr first, placeholders for bad images.
+"""
 
 import base64
 import io
@@ -6,8 +7,8 @@ import re
 
 from PIL import Image
 
-from data.metrics import MetricsResult, score_captions
-from data.report import ReportItem, write_report
+from evaluation.metrics import MetricsResult, score_captions
+from evaluation.report import ReportItem, write_report
 
 
 def _jpeg(path, size=(400, 300), color=(200, 30, 30)):

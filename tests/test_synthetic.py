@@ -1,5 +1,5 @@
 """data/synthetic.py: determinism, the COCO file it writes, and learnability (a linear probe on random
-InceptionV3 features separates colour and shape)."""
+InceptionV3 features separates colour and shape); evaluation/shapes.py: the caption-accuracy check."""
 
 import json
 from collections import Counter
@@ -11,6 +11,7 @@ from PIL import Image
 from data.captions import load_annotations
 from data.synthetic import COLOURS, SHAPES, SIZES, generate_shapes
 from data.vocab import Vocabulary
+from evaluation.shapes import caption_accuracy, named_in
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -64,6 +65,19 @@ def test_pixels_show_the_named_colour(tmp_path):
             pixels[shape["y"] - 2 : shape["y"] + 3, shape["x"] - 2 : shape["x"] + 3].reshape(-1, 3).mean(0)
         )
         assert np.abs(centre - np.array(COLOURS[shape["colour"]])).max() < 40, im["file_name"]
+
+
+def test_caption_accuracy_counts_the_named_colours_and_shapes(tmp_path):
+    path = generate_shapes(tmp_path, n_images=20, image_size=80, seed=3)
+    ann = load_annotations(path)
+    assert named_in("a red circle above a blue square") == ({"red", "blue"}, {"circle", "square"})
+    right = {r.image_id: r.captions[0] for r in ann.records}
+    acc = caption_accuracy(right, path)
+    n_single, n_pair = acc["single"][1], acc["pair"][1]
+    assert n_single + n_pair == 20 and n_single and n_pair
+    assert acc == {"single": [n_single, n_single], "pair": [n_pair, n_pair], "colour": [20, 20]}
+    wrong = {i: "a " + ("green" if "green" not in c else "red") + " cross" for i, c in right.items()}
+    assert caption_accuracy(wrong, path) == {"single": [0, n_single], "pair": [0, n_pair], "colour": [0, 20]}
 
 
 def _preprocessed(path, size: int) -> np.ndarray:

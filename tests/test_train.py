@@ -9,11 +9,11 @@ import time
 import h5py
 import numpy as np
 import pytest
-from test_train_fixtures import REPO, TINY, cli, h5_datasets, make_dataset, write_store
+from helpers import REPO, TINY, cli, h5_datasets, make_dataset, write_store
 
 from data.errors import InputError
-from decoder.config import TrainConfig
-from decoder.train_decoder import DataConfig, train_decoder
+from decoder.train.config import TrainConfig
+from decoder.train.train_decoder import DataConfig, train_decoder
 
 
 def _train(store, captions, model_dir, units=16, scheme="auto", overwrite=False, vocab=None, **train):

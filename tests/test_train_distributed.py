@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from test_train_fixtures import REPO, TINY, h5_datasets, make_dataset
+from helpers import REPO, TINY, h5_datasets, make_dataset
 
 MIRRORED = """
 import json, sys
@@ -16,8 +16,8 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from decoder.config import TrainConfig
-from decoder.train_decoder import DataConfig, train_decoder
+from decoder.train.config import TrainConfig
+from decoder.train.train_decoder import DataConfig, train_decoder
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 r = train_decoder(DataConfig({store!r}, [{captions!r}], min_word_count=1), {model_dir!r},
                   TrainConfig(batch_size=8, steps=30, eval_every=0, checkpoint_every=10, optimizer="adam",

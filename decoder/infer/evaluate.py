@@ -6,9 +6,10 @@ or computed from the images (`--images`, the model dir's CNN through THE preproc
 the split that are missing from the store, failed extraction or cannot be decoded are skipped, counted and
 listed in the summary. Outputs (atomic): the COCO results JSON, the metrics JSON, optionally the HTML report.
 
-Perplexity is the decoder's own validation perplexity (`decoder.train.evaluate`: exp of the cross-entropy
-averaged over every real target word of every reference caption, no dropout), captions come from
-`decoder.captioner.Captioner.caption_features` (beam search), scores from `data.metrics.score_captions`.
+Perplexity is the decoder's own validation perplexity (decoder.train.step.perplexity: exp of the
+cross-entropy averaged over every real target word of every reference caption, no dropout), features come
+from decoder.infer.features, captions from decoder.infer.captioner (beam search), scores from
+evaluation.metrics.score_captions.
 """
 
 from __future__ import annotations
@@ -19,20 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from beam import SearchConfig
 from data.captions import ImageRecord, load_annotations
 from data.errors import InputError
-from data.metrics import (
+from data.pipeline import PairBatches, match_pairs
+from decoder.infer.captioner import Captioner
+from decoder.infer.features import FeatureInput, ImageInput, StoreInput
+from decoder.train.step import DecoderTrainable
+from decoder.train.step import perplexity as decoder_perplexity
+from evaluation.metrics import (
     MetricsResult,
     format_metrics_table,
     score_captions,
     write_metrics_json,
     write_results_json,
 )
-from decoder.captioner import Captioner
-
-SKIP_MISSING = "missing"  # skip category: the image is not in the feature store / under any images root
+from evaluation.report import write_report
+from extract.inputs import check_root, resolve_image
 
 
 @dataclass
@@ -136,91 +142,36 @@ def split_records(cfg: EvalConfig) -> list[ImageRecord]:
 
 def image_files(records: list[ImageRecord], roots) -> list[str | None]:
     """Per record its image file under the first images root holding it, else None."""
-    from extract.inputs import check_root, resolve_image
-
     roots = [check_root(r) for r in roots]
     return [resolve_image(rec.path, roots) for rec in records]
 
 
-def store_features(captioner: Captioner, path, records) -> tuple[np.ndarray, list[int], list]:
-    """(float32 [n, D] view-0 features of the usable records, their indices, skipped (path, reason))."""
-    from data.features import open_store
-    from decoder.captioner import check_store_cnn
-
-    with open_store(path) as store:
-        check_store_cnn(store.cnn, captioner.cnn, path, captioner.model_dir)
-        if store.dim != captioner.model.config.feature_dim:
-            raise InputError(f"feature store {path} has {store.dim}-d features but the model expects "
-                             f"{captioner.model.config.feature_dim}.")
-        index = {k: i for i, k in enumerate(store.keys)}
-        rows, used, skipped = [], [], []
-        for j, rec in enumerate(records):
-            row = index.get(rec.path)
-            if row is None:
-                skipped.append((rec.path, f"{SKIP_MISSING}: not in the feature store"))
-            elif not store.ok[row]:
-                skipped.append((rec.path, store.errors[row] or "failed: no features in the store"))
-            else:
-                rows.append(row)
-                used.append(j)
-        if not rows:
-            raise InputError(f"no image of the split has features in {path}: it was extracted from other "
-                             "images (or every one failed).")
-        feats = store.read_features(rows).astype(np.float32)
-    return (feats[:, 0] if feats.ndim == 3 else feats), used, skipped
-
-
-def image_features(captioner: Captioner, files, records, batch_size: int, progress: bool):
-    """Features computed from the image files with the model dir's CNN: same return as `store_features`."""
-    from tqdm import tqdm
-
-    from extract.pipeline import make_dataset
-
-    infer = captioner.encoder()  # builds the CNN and checks its fingerprint before any image is read
-    todo = [j for j, f in enumerate(files) if f]
-    skipped = [(records[j].path, f"{SKIP_MISSING}: not found under any --images root")
-               for j, f in enumerate(files) if not f]
-    if not todo:
-        raise InputError("no image of the split was found under the --images root(s).")
-    size = int(captioner.cnn.get("image_size", 299))
-    data = make_dataset([files[j] for j in todo], [records[j].path for j in todo], 0, image_size=size,
-                        views=1, seed=0, batch_size=batch_size)
-    feats, used, i = [], [], 0
-    with tqdm(total=len(todo), unit="img", desc="features", disable=not progress, dynamic_ncols=True) as bar:
-        for images, ok, errors in data:
-            ok = ok.numpy()
-            if ok.any():
-                feats.append(np.asarray(infer(images), np.float32)[ok])
-            for good, err in zip(ok, errors.numpy(), strict=True):
-                j = todo[i]
-                i += 1
-                if good:
-                    used.append(j)
-                else:
-                    skipped.append((records[j].path, err.decode("utf-8") or "decode-error: unknown"))
-            bar.update(len(ok))
+def split_features(items: FeatureInput, batch_size: int, progress: bool):
+    """(float32 [n, D] features of the items that have them, their positions, skipped (key, reason))."""
+    feats, used = [], []
+    with tqdm(total=len(items), unit="img", desc="features", disable=not progress, dynamic_ncols=True) as bar:
+        for positions, part in items.batches(batch_size):
+            feats.append(part)
+            used.extend(int(j) for j in positions)
+            bar.update(len(positions))
+    skipped = [(k, e) for k, e in zip(items.keys, items.errors, strict=True) if e]
     if not used:
-        raise InputError("not one image of the split could be decoded: see the skipped list.")
+        raise InputError("no image of the split has features: "
+                         + (f"e.g. {skipped[0][0]}: {skipped[0][1]}." if skipped else "the split is empty."))
     return np.concatenate(feats), used, skipped
 
 
 def perplexity(model, vocab, records, features: np.ndarray, batch_size: int = 256) -> float:
     """exp(mean CE per real target word) over every caption of `records`; record i's image has the features
     features[i] (float32 [n, D]). Computed by the decoder's own validation function."""
-    from data.pipeline import PairBatches, match_pairs
-    from decoder.train import DecoderTrainable
-    from decoder.train import perplexity as loop_perplexity
-
     pairs = match_pairs(records, [r.path for r in records], np.ones(len(records), bool), vocab)
     source = PairBatches(pairs, _ArrayFeatures(features), batch_size, seed=0)
-    return loop_perplexity(DecoderTrainable(model), source, batch_size)
+    return decoder_perplexity(DecoderTrainable(model), source, batch_size)[0]
 
 
 def generate_captions(captioner: Captioner, features: np.ndarray, batch_size: int,
                       progress: bool) -> list[str]:
     """The best beam-search caption of each row of features float32 [n, D]."""
-    from tqdm import tqdm
-
     out: list[str] = []
     bar = tqdm(total=len(features), unit="img", desc="captions", disable=not progress, dynamic_ncols=True)
     with bar:
@@ -238,10 +189,10 @@ def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print)
     captioner = Captioner(cfg.model_dir, search)
     records = split_records(cfg)
     files = image_files(records, cfg.images) if cfg.images else [None] * len(records)
-    if cfg.features:
-        feats, used, skipped = store_features(captioner, cfg.features, records)
-    else:
-        feats, used, skipped = image_features(captioner, files, records, cfg.batch_size, cfg.progress)
+    keys = [r.path for r in records]
+    items = (StoreInput(captioner.loaded, cfg.features, keys, missing="skip") if cfg.features
+             else ImageInput(captioner.loaded, files, keys))
+    feats, used, skipped = split_features(items, cfg.batch_size, cfg.progress)
     for path, reason in skipped[:5]:
         log(f"skipped {path}: {reason}")
     kept = [records[j] for j in used]
@@ -259,8 +210,6 @@ def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print)
     write_metrics_json(metrics_path, metrics, extra=extra)
     report_path = None
     if cfg.report:
-        from data.report import write_report
-
         stats = write_report(cfg.report, [{"image_id": it.record.image_id, "caption": it.caption,
                                            "references": it.record.captions, "image_path": it.image_path}
                                           for it in items], metrics, extra=extra,

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,10 @@ def _write_npz_atomic(path: Path, arrays: dict) -> None:
 class CheckpointManager:
     """Saves/restores loop checkpoints in `directory`, keeping the last `keep` plus `best.npz`."""
 
-    def __init__(self, directory: Path, keep: int = 5):
+    def __init__(self, directory: Path, keep: int = 5, log=print):
         self.directory = Path(directory)
         self.keep = max(1, keep)
+        self.log = log
 
     def steps(self) -> list[int]:
         """Steps of the existing `ckpt-<step>.npz` files, ascending."""
@@ -73,20 +75,39 @@ class CheckpointManager:
         return path
 
     def restore_latest(self, objects: dict, slots: list) -> dict | None:
-        """Load the newest checkpoint into the variables; returns its meta, None when there is none."""
-        steps = self.steps()
-        if not steps:
-            return None
-        return restore(self.path(steps[-1]), objects, slots)
+        """Load the newest readable checkpoint into the variables; returns its meta, None when there is none.
+
+        A damaged checkpoint (truncated, empty, not a zip) is skipped with a message and the next older one
+        is used; a checkpoint of another model still raises InputError."""
+        for step in reversed(self.steps()):
+            path = self.path(step)
+            try:
+                arrays = read_checkpoint(path)
+            except InputError as err:
+                self.log(f"warning: {err} Falling back to an older checkpoint.")
+                continue
+            return assign(path, arrays, objects, slots)
+        return None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """{name: np.ndarray} of checkpoint `path` (meta included); InputError when it cannot be read whole."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        json.loads(str(arrays["meta"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"Checkpoint {path} cannot be read ({type(err).__name__}: {err}).") from None
+    return arrays
 
 
 def restore(path: Path, objects: dict, slots: list) -> dict:
     """Assign the arrays of checkpoint `path` to the variables; returns its meta dict."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
-        raise InputError(f"Checkpoint {path} cannot be read ({err}).") from None
+    return assign(path, read_checkpoint(path), objects, slots)
+
+
+def assign(path: Path, arrays: dict, objects: dict, slots: list) -> dict:
+    """Assign checkpoint arrays (read from `path`) to the variables; returns the meta dict."""
     for key, obj in objects.items():
         for var in obj.weights:
             name = f"{key}/{var.path}"

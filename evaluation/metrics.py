@@ -10,18 +10,18 @@ is skipped, which the result's `notes` say. SPICE runs only when its CoreNLP jar
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.atomic import atomic_write_text
+from data.atomic import atomic_write_json
 from data.errors import InputError
+from data.tokenizer import tokenize
 
 METRICS_FORMAT = "showtell-metrics"
 METRICS_VERSION = 1
@@ -63,7 +63,8 @@ def find_java() -> str | None:
 def pycocoevalcap_dir() -> Path:
     """Directory of the installed pycocoevalcap package; InputError when it is not installed."""
     try:
-        from pycocoevalcap.bleu import bleu  # pycocoevalcap is a namespace package: no __init__.py
+        # lazy: pycocoevalcap is optional (extra "eval"); a namespace package (no __init__), so use a module
+        from pycocoevalcap.bleu import bleu
     except ImportError as exc:
         raise InputError("pycocoevalcap is not installed: run `pip install pycocoevalcap` (or `pip install "
                          "-e '.[eval]'`) to compute caption metrics.") from exc
@@ -166,21 +167,16 @@ def ptb_tokenize(captions_for_image: Mapping, java: str, jar: Path) -> dict:
     lines = proc.stdout.decode().split("\n")
     if len(lines) < len(image_ids):
         raise RuntimeError(f"PTBTokenizer returned {len(lines)} lines for {len(image_ids)} captions")
-    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
-
+    drop = _ptb_punctuations()
     out: dict = {}
     for k, line in zip(image_ids, lines[: len(image_ids)], strict=True):
-        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
+        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in drop))
     return out
 
 
 def fallback_tokenize(captions_for_image: Mapping) -> dict:
     """Without java: data.tokenizer.tokenize, brackets as PTB's -lrb- etc., PTB's punctuation list removed."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
-
-    from data.tokenizer import tokenize
-
-    drop = set(PUNCTUATIONS) | {'"'}
+    drop = _ptb_punctuations() | {'"'}
     out: dict = {}
     for k, caps in captions_for_image.items():
         out[k] = [" ".join(_PTB_BRACKETS.get(w, w) for w in tokenize(c["caption"].replace("\n", " "))
@@ -188,8 +184,16 @@ def fallback_tokenize(captions_for_image: Mapping) -> dict:
     return out
 
 
+def _ptb_punctuations() -> set[str]:
+    """The tokens COCOEvalCap's PTBTokenizer removes after tokenizing (its PUNCTUATIONS list)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS  # lazy: optional dependency (extra "eval")
+
+    return set(PUNCTUATIONS)
+
+
 def _run_scorers(gts: dict, res: dict, java: str | None, notes: list[str]) -> tuple[dict, dict]:
     """Bleu(4), Meteor() (only with java), Rouge(), Cider() on tokenized captions: (corpus, per_image)."""
+    # lazy: pycocoevalcap is an optional dependency (extra "eval")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -213,7 +217,7 @@ def _run_scorers(gts: dict, res: dict, java: str | None, notes: list[str]) -> tu
 
 def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
     """Meteor().compute_score, always stopping its JVM (even when it died mid-way and left its lock held)."""
-    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.meteor.meteor import Meteor  # lazy: optional dependency (extra "eval")
 
     meteor = Meteor()
     try:
@@ -233,7 +237,7 @@ def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
 
 def _run_spice(gts: dict, res: dict, corpus: dict, per_image: dict, notes: list[str]) -> None:
     """SPICE (models already present): corpus = mean of per-image 'All' F-scores, as COCOEvalCap reports."""
-    from pycocoevalcap.spice.spice import Spice
+    from pycocoevalcap.spice.spice import Spice  # lazy: optional dependency (extra "eval")
 
     try:
         score, scores = Spice().compute_score(gts, res)
@@ -266,27 +270,61 @@ def _json_float(value: float) -> float | None:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def format_metrics_table(result: MetricsResult, extra: Mapping[str, float] | None = None) -> str:
-    """Plain-text table: `extra` rows first (e.g. perplexity), then the caption metrics, then the notes."""
+def metrics_rows(result: MetricsResult, extra: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
+    """The rows of every metrics table (text and HTML), in order: (display name, formatted value).
+
+    `extra` rows first in their order (e.g. perplexity), then DISPLAY_NAMES in its order: computed metrics
+    as "0.1234" (NaN as "nan"), uncomputed ones as "skipped"; SPICE is left out when it was not computed
+    (it is optional, unlike the COCO metrics).
+    """
     rows = [(name, f"{value:.4f}") for name, value in (extra or {}).items()]
     for key, display in DISPLAY_NAMES.items():
         if key in result.corpus:
             rows.append((display, f"{result.corpus[key]:.4f}"))
         elif key != "SPICE":
             rows.append((display, "skipped"))
-    width = max(len(name) for name, _ in rows)
+    return rows
+
+
+def metrics_footer(result: MetricsResult) -> str:
+    """The line under every metrics table: how many images were scored and with which tokenizer."""
     tok = "PTB" if result.tokenizer == "ptb" else "fallback (no java)"
+    return f"{result.n_images} images, tokenizer: {tok}"
+
+
+def format_metrics_table(result: MetricsResult, extra: Mapping[str, float] | None = None) -> str:
+    """Plain-text table of `metrics_rows`, then `metrics_footer`, then one "note: ..." line per note."""
+    rows = metrics_rows(result, extra)
+    width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  score", *(f"{name:<{width}}  {value}" for name, value in rows),
-             f"{result.n_images} images, tokenizer: {tok}"]
+             metrics_footer(result)]
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
 
 
-def write_results_json(path: str | Path, results: Sequence[Mapping]) -> Path:
-    """COCO results format: [{"image_id": int, "caption": str}, ...], one entry per line, atomically."""
-    entries = [json.dumps({"image_id": _json_id(r["image_id"]), "caption": r["caption"]}, ensure_ascii=False)
-               for r in results]
-    return atomic_write_text(path, "[\n" + ",\n".join(entries) + "\n]\n")
+def write_results_json(path: str | Path, results: Iterable[Mapping]) -> Path:
+    """Write captions in the COCO results format, atomically; returns the path.
+
+    Each entry becomes {"image_id": int, "caption": str} plus "file_name" (str) when the entry has one;
+    other fields are dropped. COCO needs an integer image_id (numpy integers are converted). The rule for
+    images without a dataset id: image_id -1 means unknown, and such entries keep "file_name" (e.g. the
+    image path or feature-store key `caption --json` writes) so they remain identifiable; COCO scoring
+    tools cannot match them, but nothing here refuses them. InputError, before anything is written, for an
+    entry that is not a mapping with an integer image_id and a str caption (and a str file_name if any).
+    """
+    entries = []
+    for r in results:
+        image_id = r.get("image_id") if isinstance(r, Mapping) else None
+        if (not isinstance(image_id, numbers.Integral) or isinstance(image_id, bool)
+                or not isinstance(r.get("caption"), str)
+                or not isinstance(r.get("file_name", ""), str)):
+            raise InputError(f"Result entry {r!r} is not {{'image_id': int, 'caption': str}} "
+                             f"(plus an optional 'file_name': str).")
+        entry = {"image_id": int(image_id), "caption": r["caption"]}
+        if "file_name" in r:
+            entry["file_name"] = r["file_name"]
+        entries.append(entry)
+    return atomic_write_json(path, entries, indent=1)
 
 
 def write_metrics_json(path: str | Path, result: MetricsResult, extra: Mapping | None = None,
@@ -295,4 +333,4 @@ def write_metrics_json(path: str | Path, result: MetricsResult, extra: Mapping |
     per_image}, atomically."""
     data = {"format": METRICS_FORMAT, "version": METRICS_VERSION, **result.to_dict(per_image=per_image)}
     data["metrics"] = {**{k: _json_float(v) for k, v in (extra or {}).items()}, **data["metrics"]}
-    return atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return atomic_write_json(path, data, indent=1)

@@ -6,27 +6,34 @@ split, a model dir holding another configuration) stop here with one InputError 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.atomic import atomic_write_json
 from data.captions import load_annotations
 from data.errors import InputError
 from data.features import open_store
+from data.locks import exclusive
 from data.pipeline import FeatureSource, PairBatches, PipelineConfig, feature_stats, match_pairs
 from data.vocab import Vocabulary
-from decoder.config import ModelConfig, TrainConfig, recipe_differences
-from decoder.distribute import make_strategy, worker_dir
+from decoder.config import ModelConfig
 from decoder.model import build_decoder
 from decoder.modeldir import (
     CONFIG_FILE,
     VOCAB_FILE,
+    check_vocab,
     make_config,
+    prepare_run_dir,
     read_config,
     save_model_dir,
+    start_run_dir,
 )
-from decoder.train import DecoderTrainable, TrainResult, train_loop
+from decoder.train.config import TrainConfig
+from decoder.train.distribute import worker_dir
+from decoder.train.loop import TrainResult, train_loop
+from decoder.train.step import DecoderTrainable
+from extract.devices import choose_strategy
+
+COMMAND = "train-decoder"
 
 
 @dataclass
@@ -45,33 +52,12 @@ class DataConfig:
         return {**self.__dict__, "captions": [str(c) for c in self.captions]}
 
 
-def _clear_model_dir(model_dir: Path) -> None:
-    """Remove what a previous run wrote (for --overwrite); other files are left alone."""
-    for name in (CONFIG_FILE, VOCAB_FILE, "decoder.weights.h5", "cnn.weights.h5", "metrics.jsonl"):
-        (model_dir / name).unlink(missing_ok=True)
-    for sub in ["checkpoints", "logs", *[p.name for p in model_dir.glob("worker-*")]]:
-        shutil.rmtree(model_dir / sub, ignore_errors=True)
-
-
-def check_model_dir(model_dir: Path, config: dict, overwrite: bool) -> None:
-    """Refuse (InputError) a model dir whose config.json differs in model, CNN or recipe, unless overwrite."""
-    saved = read_config(model_dir) if model_dir.is_dir() else None
-    if saved is None:
-        return
-    diffs = [k for k in ("model", "cnn") if saved.get(k) != config.get(k)]
-    diffs += [f"train.{k}" for k in recipe_differences(saved.get("train", {}), config.get("train", {}))]
-    if diffs and not overwrite:
-        raise InputError(f"Model dir {model_dir} holds a different configuration ({', '.join(diffs)}): "
-                         "use another --model-dir, or --overwrite to start it afresh.")
-    if overwrite:
-        _clear_model_dir(model_dir)
-
-
 def _load_vocab(data: DataConfig, model_dir: Path, train_records, overwrite: bool, log) -> Vocabulary:
     if data.vocab:
         return Vocabulary.load(data.vocab)
-    if not overwrite and (model_dir / VOCAB_FILE).exists() and (model_dir / CONFIG_FILE).exists():
-        return Vocabulary.load(model_dir / VOCAB_FILE)  # resuming: the run's own vocabulary
+    saved = read_config(model_dir) if (model_dir / CONFIG_FILE).exists() else None
+    if not overwrite and saved is not None and (model_dir / VOCAB_FILE).exists():
+        return check_vocab(model_dir, saved)  # resuming: the run's own vocabulary, unchanged
     vocab = Vocabulary.build((c for r in train_records for c in r.captions), min_count=data.min_word_count)
     log(f"vocabulary: {len(vocab)} words (min count {data.min_word_count}) from the training captions")
     return vocab
@@ -95,48 +81,60 @@ def _pairs(records, store, vocab, split: str, log):
 def train_decoder(data: DataConfig, model_dir, train: TrainConfig, embedding_size: int = 512,
                   lstm_units: int = 512, feature_norm: str = "none", pipeline: PipelineConfig | None = None,
                   overwrite: bool = False, strategy=None, log=print, progress: bool = True) -> TrainResult:
-    """Train the decoder from cached features into `model_dir` (resuming when it holds a checkpoint)."""
+    """Train the decoder from cached features into `model_dir` (resuming when it holds a checkpoint).
+
+    The model dir (this process's worker dir) is locked for the whole run."""
     train.validate()
-    pipeline = pipeline or PipelineConfig()
+    strategy = strategy or choose_strategy()
     model_dir = Path(model_dir)
-    store = open_store(data.features)
+    with exclusive(worker_dir(model_dir, strategy), folder=True), open_store(data.features) as store:
+        return _train(data, model_dir, train, ModelShape(embedding_size, lstm_units, feature_norm),
+                      pipeline or PipelineConfig(), store, overwrite, strategy, log, progress)
+
+
+@dataclass
+class ModelShape:
+    """The decoder sizes chosen on the command line."""
+
+    embedding_size: int
+    lstm_units: int
+    feature_norm: str
+
+
+def _train(data, model_dir: Path, train, shape: ModelShape, pipeline, store, overwrite, strategy, log,
+           progress) -> TrainResult:
     annotations = load_annotations(data.captions, fmt=data.caption_format, split_scheme=data.split_scheme)
     log(f"captions: {annotations.summary()}")
     train_records, val_records = annotations.part("train"), annotations.part("val")
     if not train_records:
         raise InputError("The train split of the caption file(s) is empty: check --split-scheme.")
     vocab = _load_vocab(data, model_dir, train_records, overwrite, log)
-    model_config = ModelConfig(vocab_size=len(vocab), embedding_size=embedding_size, lstm_units=lstm_units,
-                               feature_dim=store.dim, feature_norm=feature_norm)
+    model_config = ModelConfig(vocab_size=len(vocab), embedding_size=shape.embedding_size,
+                               lstm_units=shape.lstm_units, feature_dim=store.dim,
+                               feature_norm=shape.feature_norm)
     saved = read_config(model_dir) if model_dir.is_dir() else None
     if saved and saved["model"].get("feature_dim") != store.dim and not overwrite:
         raise InputError(f"{data.features} holds {store.dim}-d features but the model in {model_dir} takes "
                          f"{saved['model'].get('feature_dim')}-d ones.")
-    config = make_config(model_config, len(vocab), store.cnn, {
+    config = make_config(model_config, vocab, store.cnn, COMMAND, {
         "train": train.to_dict(), "data": data.to_dict(), "pipeline": pipeline.to_dict()})
-    check_model_dir(model_dir, config, overwrite)
+    prepare_run_dir(model_dir, config, ("model", "cnn"), overwrite, "--model-dir")
     train_pairs = _pairs(train_records, store, vocab, "train", log)
     val_pairs = _pairs(val_records, store, vocab, "val", log)
-
-    strategy = strategy or make_strategy()
-    out_dir = worker_dir(model_dir, strategy)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab.save(out_dir / VOCAB_FILE)
-    atomic_write_json(out_dir / CONFIG_FILE, config)
+    start_run_dir(worker_dir(model_dir, strategy), vocab, config)
     features = FeatureSource(store, pipeline, log=log)
     source = PairBatches(train_pairs, features, train.batch_size, train.seed, pipeline)
     val_source = PairBatches(val_pairs, features, train.val_batch_size, train.seed, pipeline)
 
     def finish(trainable, directory, result):
         extra = {k: v for k, v in config.items() if k in ("train", "data", "pipeline")}
-        extra["result"] = {"step": result.step, "epoch": result.epoch,
-                           "val_perplexity": result.val_perplexity,
-                           "best_val_perplexity": result.best_val_perplexity,
-                           "train_pairs": train_pairs.stats, "val_pairs": val_pairs.stats}
-        save_model_dir(directory, trainable.objects["decoder"], model_config, vocab, store.cnn, extra=extra)
+        extra["result"] = {**result.result_block(), "train_pairs": train_pairs.stats,
+                           "val_pairs": val_pairs.stats}
+        save_model_dir(directory, trainable.objects["decoder"], model_config, vocab, store.cnn, extra=extra,
+                       command=COMMAND)
 
     stats = None
-    if feature_norm == "standardize":
+    if shape.feature_norm == "standardize":
         stats = feature_stats(features, train_pairs.rows)
         log(f"feature standardisation: mean |f| {float(abs(stats[0]).mean()):.3g}, "
             f"{int((stats[1] == 0).sum())} constant dimension(s) ignored")
@@ -147,9 +145,5 @@ def train_decoder(data: DataConfig, model_dir, train: TrainConfig, embedding_siz
             model.set_feature_stats(*stats)
         return DecoderTrainable(model)
 
-    try:
-        return train_loop(build, source,
-                          val_source, train, model_dir, strategy=strategy, log=log, finish=finish,
-                          progress=progress)
-    finally:
-        store.close()
+    return train_loop(build, source, val_source, train, model_dir, strategy=strategy, log=log, finish=finish,
+                      progress=progress)

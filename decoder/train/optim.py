@@ -35,10 +35,17 @@ class SGD:
         return []
 
     def _update(self, var, grad, lr, scale, apply):
-        lr = tf.cast(lr * scale * tf.cast(apply, tf.float32), var.dtype)
-        if isinstance(grad, tf.IndexedSlices):
-            return var.scatter_sub(tf.IndexedSlices(grad.values * lr, grad.indices, grad.dense_shape))
-        return tf.raw_ops.ResourceApplyGradientDescent(var=var.handle, alpha=lr, delta=grad)  # one fused pass
+        """var -= lr * scale * grad, only when `apply` (a cond, not lr * 0: 0 * inf would be NaN)."""
+        lr = tf.cast(lr * scale, var.dtype)
+
+        def step():
+            if isinstance(grad, tf.IndexedSlices):
+                var.scatter_sub(tf.IndexedSlices(grad.values * lr, grad.indices, grad.dense_shape))
+            else:  # one fused pass
+                tf.raw_ops.ResourceApplyGradientDescent(var=var.handle, alpha=lr, delta=grad)
+            return tf.constant(True)
+
+        return tf.cond(tf.cast(apply, tf.bool), step, lambda: tf.constant(False))
 
     def apply(self, strategy, grads, lr, scale, apply):
         """Cross-replica: update every variable. grads: list matching `variables` (unclipped); scale:

@@ -1,5 +1,5 @@
-"""tf.distribute set-up: MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy over several
-local GPUs, else the default (one device) strategy. Create the strategy before any other TF work."""
+"""Roles of the processes of a tf.distribute run: which one is the chief, where each writes, which replicas
+an input pipeline feeds. The strategy itself comes from extract.devices.choose_strategy."""
 
 from __future__ import annotations
 
@@ -7,22 +7,8 @@ import json
 import os
 from pathlib import Path
 
-import tensorflow as tf
 
-
-def make_strategy() -> tf.distribute.Strategy:
-    """The strategy for this process (see the module docstring)."""
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    if len(gpus) == 1:
-        return tf.distribute.OneDeviceStrategy("/gpu:0")
-    return tf.distribute.get_strategy()
-
-
-def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
+def worker_role(strategy) -> tuple[bool, int]:
     """(is_chief, task index) of this process; (True, 0) outside multi-worker training."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not os.environ.get("TF_CONFIG"):
@@ -36,14 +22,14 @@ def worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     return (not has_chief and task_id == 0), index
 
 
-def worker_dir(model_dir: Path, strategy: tf.distribute.Strategy) -> Path:
+def worker_dir(model_dir: Path, strategy) -> Path:
     """Where this process writes: the model dir for the chief, `<model dir>/worker-<k>` for other workers
     (their copies stay in step with the chief's, so each can resume)."""
     chief, index = worker_role(strategy)
     return Path(model_dir) if chief else Path(model_dir) / f"worker-{index}"
 
 
-def input_replicas(ctx: tf.distribute.InputContext) -> list[int]:
+def input_replicas(ctx) -> list[int]:
     """Global replica ids fed by this input pipeline (consecutive block of the pipeline's local replicas)."""
     local = ctx.num_replicas_in_sync // max(1, ctx.num_input_pipelines)
     return [ctx.input_pipeline_id * local + j for j in range(local)]

@@ -13,10 +13,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data.atomic import atomic_write_text
-from data.metrics import DISPLAY_NAMES, MetricsResult
+from evaluation.metrics import DISPLAY_NAMES, MetricsResult, metrics_footer, metrics_rows
 
 THUMBNAIL_PX = 160  # longest side of the embedded thumbnails, in pixels
 _CSS = """
@@ -59,8 +60,6 @@ class ReportStats:
 
 def thumbnail_data_uri(image_path: str | Path | None, size: int = THUMBNAIL_PX) -> tuple[str | None, str]:
     """(data URI of a JPEG thumbnail, longest side `size` px, or None; reason when None, else "")."""
-    from PIL import Image, ImageOps
-
     if image_path is None:
         return None, "no image file given"
     try:
@@ -93,15 +92,12 @@ def _cider_key(metrics: MetricsResult, item: ReportItem) -> tuple[bool, float]:
 
 
 def _metrics_html(metrics: MetricsResult, extra: Mapping[str, float] | None) -> str:
+    """The metrics table as HTML: the text table's rows and footer (evaluation.metrics), then the notes."""
     esc = html.escape
-    rows = [(name, f"{value:.4f}") for name, value in (extra or {}).items()]
-    rows += [(DISPLAY_NAMES[k], f"{metrics.corpus[k]:.4f}" if k in metrics.corpus else "skipped")
-             for k in DISPLAY_NAMES if k in metrics.corpus or k != "SPICE"]
-    body = "".join(f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in rows)
-    tok = "PTB" if metrics.tokenizer == "ptb" else "fallback (no java)"
+    body = "".join(f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in metrics_rows(metrics, extra))
     notes = "".join(f"<li>{esc(n)}</li>" for n in metrics.notes)
     return (f'<table class="metrics"><tr><th>metric</th><th>score</th></tr>{body}</table>'
-            f'<p class="small">{metrics.n_images} images scored, tokenizer: {esc(tok)}</p>'
+            f'<p class="small">{esc(metrics_footer(metrics))}</p>'
             + (f'<ul class="small">{notes}</ul>' if notes else ""))
 
 
