@@ -11,6 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 from data.errors import InputError, RunStopped  # noqa: E402
+from data.formats import FORMATS  # noqa: E402  (standard library only: --help stays fast)
+from data.splits import SPLIT_SCHEMES  # noqa: E402
 from extract.devices import quiet_tensorflow  # noqa: E402  (imports no TensorFlow itself)
 
 __version__ = "0.1.0"
@@ -67,8 +69,7 @@ def main():
 
 
 # ---- options shared by several commands ------------------------------------------------------------------
-_FORMATS = ("auto", "coco", "karpathy", "flickr8k")  # data.captions.FORMATS plus auto
-_SCHEMES = ("auto", "karpathy", "im2txt", "hash", "none")  # data.splits.SPLIT_SCHEMES
+_FORMATS = ("auto", *FORMATS)
 
 
 def _options(*options):
@@ -88,7 +89,7 @@ def caption_options(required: bool, captions_help: str, scheme_help: str):
         click.option("--captions", required=required, multiple=True, help=captions_help),
         click.option("--format", "caption_format", default="auto", show_default=True,
                      type=click.Choice(_FORMATS), help="Caption file format (auto: from the content)."),
-        click.option("--split-scheme", default="auto", show_default=True, type=click.Choice(_SCHEMES),
+        click.option("--split-scheme", default="auto", show_default=True, type=click.Choice(SPLIT_SCHEMES),
                      help=scheme_help))
 
 

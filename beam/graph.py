@@ -3,7 +3,7 @@
 Not imported by `beam/__init__.py` (`import beam` stays free of TensorFlow). Pure TF ops: traceable in a
 `tf.function` with an unknown batch size N, fixed-shape outputs.
 
-Semantics are beam/search.py's (im2txt's caption_generator, DESIGN.md's tie rule): each partial caption is
+Semantics are beam/search.py's (im2txt's caption_generator, same ties): each partial caption is
 extended by its own top-`beam_size` words (ties: lower word id first, `tf.math.top_k` is documented stable);
 words with log p < log(1e-12) (and NaN log-probs, read as -inf) are never taken; end_id extensions go to the
 complete pool (best `beam_size` by logprob / len ** alpha, a stable sort of old pool + new completions in

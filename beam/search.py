@@ -18,8 +18,8 @@ sort of that list by score; the complete pool is the first `beam_size` of a stab
 implementation-defined; this rule is one of the orders it can produce.
 
 Note: im2txt's final code reads `np.argsort(p)[:-beam_size][::-1]`, which takes every word *except* the
-top beam_size (a slicing bug; earlier im2txt sorted and kept words[0:beam_size]). DESIGN.md fixes the intended
-semantics, the top beam_size words, which is what this module does.
+top beam_size (a slicing bug; earlier im2txt sorted and kept words[0:beam_size]). The intended semantics,
+and ours, are the top beam_size words.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from beam.common import (
     to_numpy_logp,
     top_k,
 )
+from beam.sampling import greedy_search
 
 
 def beam_search(initial_state, step_fn, *, start_id: int, end_id: int, beam_size: int = 3,
@@ -57,15 +58,14 @@ def beam_search(initial_state, step_fn, *, start_id: int, end_id: int, beam_size
     args = dict(start_id=start_id, end_id=end_id, max_length=max_length, alpha=length_normalization,
                 no_repeat_ngram=no_repeat_ngram, banned=banned)
     if beam_size == 1:
-        from beam.sampling import greedy_search
-
         return greedy_search(initial_state, step_fn, **args)
-    return _beam_search(initial_state, step_fn, beam_size=beam_size, **args)
+    return general_beam_search(initial_state, step_fn, beam_size=beam_size, **args)
 
 
-def _beam_search(initial_state, step_fn, *, start_id, end_id, beam_size, max_length, alpha,
-                 no_repeat_ngram=0, banned=()) -> list[list[Caption]]:
-    """The general batched search (any beam_size >= 1); see beam_search."""
+def general_beam_search(initial_state, step_fn, *, start_id, end_id, beam_size, max_length, alpha,
+                        no_repeat_ngram=0, banned=()) -> list[list[Caption]]:
+    """The general batched search (any beam_size >= 1, no greedy fast path; tests compare the two); see
+    beam_search."""
     b, kb, length = state_batch_size(initial_state), beam_size, max_length
     tokens = np.zeros((b, kb, length), dtype=np.int64)  # partial grid: tokens of slot (image, rank)
     tokens[:, 0, 0] = start_id

@@ -4,8 +4,9 @@ The pieces are small pure functions plus one `PairBatches` class:
   `match_pairs` joins caption records with the feature store's rows (skipping `/ok`=false rows and captions
   whose image is not in the store, counting both); `epoch_plan` orders one epoch's pairs into global batches
   (seeded shuffle, then length bucketing inside pools of batches); `PairBatches` turns a plan into a
-  `tf.data.Dataset` of per-replica batches. Its `load_inputs` (features from memory or streamed from the h5
-  file, one view sampled per example) is the one method an image-based source (finetune) overrides.
+  `tf.data.Dataset` of per-replica batches. Its `load_inputs` + `input_spec` (features from memory or streamed
+  from the h5 file, one view sampled per example) are the one thing an image-based source (finetune's
+  decoder.train.image_batches.ImageBatches) overrides.
 """
 
 from __future__ import annotations
@@ -199,43 +200,53 @@ class PairBatches:
     def steps_per_epoch(self) -> int:
         return len(self.plan(0))
 
-    def load_inputs(self, pair_idx: np.ndarray, rng: np.random.Generator | None) -> dict:
-        """Model inputs for pairs: {"features": float32 [b, D]}; one view sampled per example when V > 1
-        (rng None: view 0, for validation). Finetune overrides this to load images."""
-        feats = self.features.rows(self.pairs.rows[pair_idx])
+    def load_inputs(self, pair_idx: np.ndarray, rng: np.random.Generator | None,
+                    rows: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+        """THE one thing a batch source specialises: the model inputs of a global batch's pairs.
+
+        pair_idx: int [b] the global batch; rows: int [k] positions in it to load (None: all), in order;
+        rng: the batch's generator for random views (None: view 0, validation). Returns ({"features":
+        float32 [k, D]}, ok bool [k]); the view of pair i is drawn for the whole global batch, so it does not
+        depend on the replica layout."""
+        rows = np.arange(len(pair_idx)) if rows is None else np.asarray(rows)
+        feats = self.features.rows(self.pairs.rows[pair_idx[rows]])
         if feats.ndim == 3:
-            views = rng.integers(0, feats.shape[1], len(pair_idx)) if rng is not None else 0
-            feats = feats[np.arange(len(pair_idx)), views]
-        return {"features": feats.astype(np.float32)}
+            views = rng.integers(0, feats.shape[1], len(pair_idx))[rows] if rng is not None else 0
+            feats = feats[np.arange(len(rows)), views]
+        return {"features": feats.astype(np.float32)}, np.ones(len(rows), bool)
+
+    def input_spec(self) -> dict:
+        """tf.TensorSpec of the inputs `load_inputs` returns."""
+        return {"features": tf.TensorSpec([None, self.features.store.dim], tf.float32)}
 
     def element_spec(self) -> dict:
         """tf.TensorSpec of one element (see the class docstring)."""
-        dim = self.features.store.dim
-        return {"features": tf.TensorSpec([None, dim], tf.float32),
-                "input_seqs": tf.TensorSpec([None, None], tf.int32),
-                "target_seqs": tf.TensorSpec([None, None], tf.int32),
+        seqs = tf.TensorSpec([None, None], tf.int32)
+        return {**self.input_spec(), "input_seqs": seqs, "target_seqs": seqs,
                 "mask": tf.TensorSpec([None, None], tf.float32),
                 "global_words": tf.TensorSpec([], tf.float32)}
 
-    def global_batch(self, pair_idx: np.ndarray, rng) -> dict:
-        """All arrays of one global batch (numpy)."""
-        caps = [self.pairs.captions[i] for i in pair_idx]
-        inputs, targets, mask = pad_captions(caps, int(self.pairs.lengths[pair_idx].max()))
-        batch = {"input_seqs": inputs, "target_seqs": targets, "mask": mask}
-        batch.update(self.load_inputs(pair_idx, rng))
-        return batch
-
     def generator(self, plan: list[np.ndarray], epoch: int, start: int, replicas: list[int],
                   num_replicas: int, sample_views: bool = True):
-        """Yields, for each global batch of plan[start:], the shares of `replicas` (of num_replicas)."""
+        """Yields, for each global batch of plan[start:], the shares of `replicas` (of num_replicas). Inputs
+        are loaded only for those replicas' rows; captions of rows that failed to load get mask 0 and do not
+        count in global_words (exact when one pipeline feeds every replica)."""
         for b in range(start, len(plan)):
+            idx = np.asarray(plan[b])
+            inputs, targets, mask = pad_captions([self.pairs.captions[i] for i in idx],
+                                                 int(self.pairs.lengths[idx].max()))
+            splits = np.array_split(np.arange(len(idx)), num_replicas)
+            rows = np.concatenate([splits[r] for r in replicas]).astype(np.int64)
             rng = np.random.default_rng([self.seed, epoch, b, 13]) if sample_views else None
-            batch = self.global_batch(plan[b], rng)
-            words = np.float32(batch["mask"].sum())
-            splits = np.array_split(np.arange(len(plan[b])), num_replicas)
+            loaded, ok = self.load_inputs(idx, rng, rows)
+            mask[rows[~ok]] = 0.0
+            words, offset = np.float32(mask.sum()), 0
             for r in replicas:
-                share = {k: v[splits[r]] for k, v in batch.items()}
-                share["global_words"] = words
+                part = splits[r]
+                share = {k: v[offset:offset + len(part)] for k, v in loaded.items()}
+                share.update(input_seqs=inputs[part], target_seqs=targets[part], mask=mask[part],
+                             global_words=words)
+                offset += len(part)
                 yield share
 
     def stream(self, epoch: int, start: int, replicas, num_replicas: int):

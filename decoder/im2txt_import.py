@@ -134,7 +134,7 @@ def check_names(reader: CheckpointReader, lstm: tuple[str, str], has_cnn: bool) 
     return skipped
 
 
-def _check_out(out_dir: Path, prefix: str) -> None:
+def check_out_dir(out_dir: Path, prefix: str) -> None:
     """Refuse to overwrite a model dir that is not an earlier import of the same checkpoint."""
     if not (out_dir / "config.json").exists():
         return
@@ -172,7 +172,7 @@ def import_im2txt(checkpoint, vocab_path, out_dir, cnn_weights: str | None = Non
     vocab = Vocabulary.load(vocab_path)
     out_dir = Path(out_dir)
     with exclusive(out_dir, folder=True):
-        _check_out(out_dir, reader.prefix)
+        check_out_dir(out_dir, reader.prefix)
         return _import(reader, vocab, vocab_path, out_dir, cnn_weights, image_size)
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.tokenizer import tokenize
+
 N_MAX = 4
 _BITS = 16
 MAX_ID = (1 << _BITS) - 2  # id + 1 must fit in 16 bits
@@ -216,8 +218,6 @@ class CiderD:
                       sigma: float = 6.0) -> CiderD:
         """captions: per image, raw reference strings, tokenised by data.tokenizer and mapped with
         `vocab.id` (a data.vocab.Vocabulary: unknown words -> <UNK>), without <S> and </S>."""
-        from data.tokenizer import tokenize
-
         return cls([[[vocab.id(w) for w in tokenize(c)] for c in refs] for refs in captions], df, sigma)
 
     @property

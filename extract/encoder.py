@@ -13,10 +13,12 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+import keras
 import numpy as np
 
 from data.errors import InputError
 from extract.preprocess import IM2TXT_SIZE, resize_size
+from extract.slim import load_slim_weights
 
 ARCH = "InceptionV3"
 FEATURE_DIM = 2048
@@ -79,8 +81,6 @@ def check_spec(spec: CNNSpec) -> None:
 
 
 def _inception(spec: CNNSpec, weights):
-    import keras
-
     size = spec.image_size
     return keras.applications.InceptionV3(
         include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
@@ -93,8 +93,6 @@ def build_encoder(cnn) -> "keras.Model":  # noqa: F821
     Raises InputError for an unknown architecture, a too small size or a missing weights file. Does not
     check `fingerprint`; use `encoder_and_spec` or `weights_fingerprint` for that.
     """
-    import keras
-
     spec = cnn if isinstance(cnn, CNNSpec) else CNNSpec.from_dict(cnn)
     check_spec(spec)
     if spec.weights == "imagenet":
@@ -103,8 +101,6 @@ def build_encoder(cnn) -> "keras.Model":  # noqa: F821
         keras.utils.set_random_seed(int(spec.seed))
         model = _inception(spec, None)
     elif spec.weights.startswith("slim:"):
-        from extract.slim import load_slim_weights
-
         model = _inception(spec, None)
         load_slim_weights(model, spec.weights[len("slim:") :])
     else:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.captions import load_annotations
 from data.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -71,8 +72,6 @@ def resolve_image(rel: str, roots: list[Path]) -> str | None:
 
 def rows_from_captions(captions, images, fmt: str = "auto", split_scheme: str = "auto") -> Rows:
     """Every annotated image (all splits) of the caption file(s), looked up in each images root in turn."""
-    from data.captions import load_annotations
-
     if not images:
         raise InputError("--captions needs --images DIR (the folder its image paths are relative to).")
     roots = [check_root(r) for r in images]

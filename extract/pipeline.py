@@ -14,6 +14,8 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
+from extract.devices import choose_strategy, default_precision, dtype_policy
+from extract.encoder import CNNSpec, encoder_and_spec
 from extract.preprocess import MAX_PIXELS, BadImage, decode_image, preprocess
 
 
@@ -88,36 +90,34 @@ def make_infer(model, strategy: tf.distribute.Strategy):
     return infer
 
 
-_BUILT: dict = {}  # the last encoders built in this process, keyed by CNN block (+ weights file mtime)
+_BUILT: dict = {}  # the last encoders built in this process, keyed by CNN block, weights mtime, devices
 _KEEP = 2
 
 
 def inference_encoder(spec):
     """(infer, CNNSpec with its fingerprint) for a CNN block: `infer(float32 [B, S, S, 3]) -> np.float32
-    [B, 2048]`. GPU: mixed_float16 compute, MirroredStrategy over several GPUs.
+    [B, 2048]`. With accelerators (extract.devices.accelerators): mixed_float16 compute, and a
+    MirroredStrategy over several of them.
 
     The last two encoders are kept, so several runs in one process (demo, tests, extract then caption)
-    build each once. The key ignores the block's recorded fingerprint: the built one is returned.
+    build each once. The key is the block without its recorded fingerprint (the built one is returned), the
+    weights file's mtime, the compute precision and the strategy: an encoder built for other devices or
+    another precision is never reused.
     """
-    from extract.encoder import CNNSpec
-
     spec = spec if isinstance(spec, CNNSpec) else CNNSpec.from_dict(spec)
     weights_path = spec.weights.removeprefix("slim:")
     mtime = os.path.getmtime(weights_path) if os.path.isfile(weights_path) else None
-    key = json.dumps([{**spec.to_dict(), "fingerprint": ""}, mtime], sort_keys=True)
+    strategy, precision = choose_strategy(), default_precision()
+    key = json.dumps([{**spec.to_dict(), "fingerprint": ""}, mtime, precision, id(strategy)], sort_keys=True)
     if key not in _BUILT:
-        built = _build_new(spec)
+        built = _build_new(spec, strategy, precision)
         while len(_BUILT) >= _KEEP:
             _BUILT.pop(next(iter(_BUILT)))
         _BUILT[key] = built
     return _BUILT[key]
 
 
-def _build_new(spec):
-    from extract.devices import accelerators, choose_strategy, dtype_policy
-    from extract.encoder import encoder_and_spec
-
-    strategy = choose_strategy()
-    with dtype_policy("mixed_float16" if accelerators() else "float32"), strategy.scope():
+def _build_new(spec, strategy, precision: str):
+    with dtype_policy(precision), strategy.scope():
         model, spec = encoder_and_spec(spec)
     return make_infer(model, strategy), spec

@@ -1,8 +1,9 @@
 """`extract`: frozen-CNN features for every row into the feature store, resumable, shardable.
 
-Resume: the run's identity (`run` attr: the inputs' hash, shard, CNN block, size, dtype, views, seed) is
-stored in the file. Rerunning the same command continues after `rows_done`; any other command on the same
-file is refused, naming what differs. Rows are committed a batch at a time (see data/features.py), so a
+Resume: the run's identity (`run` attr: the inputs' hash, shard, CNN block, size, dtype, views, seed, compute
+precision) is stored in the file. Rerunning the same command continues after `rows_done`; any other command
+on the same file, or the same one on a machine with another compute precision (GPU: mixed_float16, CPU:
+float32), is refused, naming what differs. Rows are committed a batch at a time (see data/features.py), so a
 kill -9 loses at most the batch in flight; batches always start at multiples of --batch-size, so a resumed
 run computes exactly the same batches as an uninterrupted one (float32: identical bytes).
 """
@@ -10,18 +11,22 @@ run computes exactly the same batches as an uninterrupted one (float32: identica
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from data.atomic import remove_stale_temps
 from data.errors import InputError, RunStopped
 from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
+from extract.devices import default_precision
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
 from extract.inputs import Rows, check_output, gather_rows
-from extract.pipeline import inference_encoder
+from extract.pipeline import inference_encoder, make_dataset
 from extract.preprocess import MAX_PIXELS, error_category
 
 
@@ -92,10 +97,11 @@ def inputs_digest(keys, image_ids) -> str:
 
 
 def run_identity(cfg: ExtractConfig, rows: Rows, spec: CNNSpec, shard: int, num_shards: int) -> dict:
-    """The fields that must match for a rerun to continue a file (JSON-able)."""
+    """The fields that must match for a rerun to continue a file (JSON-able). "precision" is the CNN's
+    compute precision on this machine (mixed_float16 with accelerators, else float32)."""
     return {"inputs": inputs_digest(rows.keys, rows.image_ids), "total_rows": len(rows), "shard": shard,
             "num_shards": num_shards, "dtype": cfg.dtype, "views": cfg.views, "seed": cfg.seed,
-            "cnn": {k: v for k, v in spec.to_dict().items()}}
+            "precision": default_precision(), "cnn": {k: v for k, v in spec.to_dict().items()}}
 
 
 def run_id(identity: dict) -> str:
@@ -106,7 +112,9 @@ def run_id(identity: dict) -> str:
 def _differences(old: dict, new: dict) -> list[str]:
     names = {"inputs": "images (the list of rows)", "total_rows": "number of images", "shard": "--shard",
              "num_shards": "--num-shards", "dtype": "--dtype", "views": "--views", "seed": "--seed"}
-    out = [names.get(k, k) for k in new if k != "cnn" and old.get(k) != new[k]]
+    out = [names.get(k, k) for k in new if k not in ("cnn", "precision") and old.get(k) != new[k]]
+    if old.get("precision", new.get("precision")) != new.get("precision"):  # absent: not recorded yet
+        out.append(f"compute precision ({old['precision']} in the file, {new['precision']} on this machine)")
     old_cnn, new_cnn = old.get("cnn", {}), new["cnn"]
     for k in new_cnn:
         if old_cnn.get(k) != new_cnn[k] and (k != "fingerprint" or new_cnn[k]):
@@ -136,17 +144,8 @@ def _failed(errors: list[str], oks) -> Counter:
     return Counter(error_category(e) for e, ok in zip(errors, oks, strict=True) if not ok)
 
 
-def _clean_stale_tmp(path: Path) -> None:
-    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            tmp.unlink(missing_ok=True)
-
-
 def _check_space(path: Path, n: int, cfg: ExtractConfig) -> None:
     need = n * cfg.views * FEATURE_DIM * np.dtype(cfg.dtype).itemsize + n * 400 + (1 << 20)
-    import shutil
-
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise InputError(f"not enough disk space for {path}: needs {need / 1e6:.1f} MB, "
@@ -165,10 +164,6 @@ def _static_attrs(cfg: ExtractConfig, spec: CNNSpec, identity: dict, rows: Rows,
 
 
 def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNSpec) -> int:
-    from tqdm import tqdm
-
-    from extract.pipeline import make_dataset
-
     start = writer.rows_done
     ds = make_dataset(rows.files, rows.keys, start, image_size=spec.image_size, views=cfg.views,
                       seed=cfg.seed, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels)
@@ -210,7 +205,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     old, complete = _existing_run(out)
     if old is not None:
         _check_same_run(out, old, identity)
-    _clean_stale_tmp(out)
+    remove_stale_temps(out)
     infer, spec = inference_encoder(spec)
     identity["cnn"] = spec.to_dict()
     t0 = time.perf_counter()

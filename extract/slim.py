@@ -21,7 +21,9 @@ import os
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from data.errors import InputError
 
@@ -84,8 +86,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     text = str(path)
     text = re.sub(r"\.(index|meta|data-\d+-of-\d+)$", "", text)
     if os.path.isdir(text):
-        import tensorflow as tf
-
         latest = tf.train.latest_checkpoint(text)
         if latest is None:
             raise InputError(f"No TensorFlow checkpoint found in directory {text}.")
@@ -103,8 +103,6 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str | os.PathLike, need_values: bool = True):
-        import tensorflow as tf
-
         self.prefix = resolve_checkpoint(path)
         try:
             self._reader = tf.train.load_checkpoint(self.prefix)
@@ -144,8 +142,6 @@ def save_tf1_checkpoint(prefix: str | os.PathLike, tensors: dict[str, np.ndarray
 
     No TF1 graph is built (one `SaveV2` op). Returns the prefix as str.
     """
-    import tensorflow as tf
-
     names = sorted(tensors)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
@@ -155,8 +151,6 @@ def save_tf1_checkpoint(prefix: str | os.PathLike, tensors: dict[str, np.ndarray
 
 def _inception_submodel(model):
     """The (possibly nested) functional model whose own layers are the InceptionV3 convolutions."""
-    import keras
-
     found = []
 
     def visit(m):
@@ -196,8 +190,6 @@ def _graph_order(model) -> list:
 
 def keras_conv_bn_pairs(model) -> list[tuple]:
     """[(Conv2D, BatchNormalization)] * 94 of the InceptionV3 in `model`, in slim's order."""
-    import keras
-
     layers = _graph_order(_inception_submodel(model))
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
     bns = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]

@@ -1,7 +1,7 @@
 """A plain per-image reference of im2txt's beam search (caption_generator.py), for tests and bench/beam.py.
 
 It follows im2txt's loop literally: for each image, one step call per time step on that image's partial
-captions; each partial is extended by its own top-`beam_size` words (DESIGN.md; im2txt's final code has the
+captions; each partial is extended by its own top-`beam_size` words (im2txt's final code has the
 `[:-beam_size]` slicing bug); p < 1e-12 skipped; end_id extensions go to the complete pool; stop when no
 partials remain or after max_length - 1 steps; return the complete pool, else the partials.
 

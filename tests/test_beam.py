@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beam import SearchConfig, apply_bans, beam_search, generate, greedy_search, sample_search, top_k
-from beam.search import _beam_search
+from beam.search import general_beam_search
 
 S, E, A, B, C, U = 0, 1, 2, 3, 4, 5  # <S>, </S>, a, b, c, <UNK>
 
@@ -72,7 +72,7 @@ def test_batched_equals_per_image_reference(seed, images, vocab, rows, beam, max
     assert as_tuples(got) == want
     assert len(model.calls) <= max(max_length - 1, 0)  # one step call per time step for the whole batch
     assert all(n <= images * beam for n in model.calls) and model.calls[:1] in ([], [images])
-    general = _beam_search(init, model.step, beam_size=beam, alpha=alpha,
+    general = general_beam_search(init, model.step, beam_size=beam, alpha=alpha,
                            banned=(unk,) if suppress else (), start_id=0, end_id=1 % vocab,
                            max_length=max_length, no_repeat_ngram=ngram)
     assert as_tuples(general) == want  # beam 1: the greedy fast path equals the general search

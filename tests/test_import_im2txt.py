@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cli import main
 from data.errors import InputError
-from decoder.im2txt_import import LSTM_NAMES, _check_out, convert_decoder, import_im2txt
+from decoder.im2txt_import import LSTM_NAMES, check_out_dir, convert_decoder, import_im2txt
 from decoder.modeldir import load_model_dir
 from extract.slim import CheckpointReader, save_tf1_checkpoint, slim_variable_names
 
@@ -110,7 +110,7 @@ def test_cli_import_tiny_checkpoint_round_trip(tmp_path):
     assert loaded.cnn_weights_path is None
     assert loaded.config["import"]["lstm_variables"] == list(LSTM_NAMES[2])
     check_steps(loaded.model, tensors, LSTM_NAMES[2])
-    _check_out(out, loaded.config["import"]["checkpoint"])  # rerunning the same import may overwrite it
+    check_out_dir(out, loaded.config["import"]["checkpoint"])  # rerunning the same import may overwrite it
 
 
 def _expect(tmp_path, tensors, match, vocab_lines=V - 3, cnn_weights="none"):

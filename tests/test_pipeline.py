@@ -93,12 +93,12 @@ def test_replica_shares_and_streaming_match_memory(tmp_path):
 def test_one_view_sampled_per_example(tmp_path):
     source, feats = _source(tmp_path, views=3)
     idx = np.arange(20)
-    train = source.load_inputs(idx, np.random.default_rng(0))["features"]
+    train = source.load_inputs(idx, np.random.default_rng(0))[0]["features"]
     assert train.shape == (20, 4)
     picked = [int(np.argmin(np.abs(feats[source.pairs.rows[i]].astype(np.float32) - train[i]).sum(1)))
               for i in idx]
     assert len(set(picked)) > 1
-    val = source.load_inputs(idx, None)["features"]
+    val = source.load_inputs(idx, None)[0]["features"]
     np.testing.assert_array_equal(val, feats[source.pairs.rows, 0].astype(np.float32))
     ds = source.dataset(source.plan(0), 0)
     assert next(iter(ds))["features"].shape[1] == 4

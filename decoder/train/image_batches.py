@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from data.pipeline import PairBatches, PairSet, match_pairs, pad_captions
+from data.pipeline import PairBatches, PairSet, match_pairs
 from extract.inputs import resolve_image
 from extract.preprocess import BadImage, decode_image, preprocess
 
@@ -144,35 +144,19 @@ class ImageBatches(PairBatches):
         seeds = seeds if training else np.zeros((len(images), 2), np.int32)
         return self._prep[training](raw, sizes, seeds).numpy(), ok
 
-    def generator(self, plan, epoch: int, start: int, replicas: list[int], num_replicas: int,
-                  sample_views: bool = True):
-        """Yields, for each global batch of plan[start:], the shares of `replicas` (of num_replicas);
-        captions of bad images get mask 0 and are not counted in global_words (exact when one pipeline
-        feeds every replica; other pipelines' bad images are unknown here)."""
-        for b in range(start, len(plan)):
-            idx = np.asarray(plan[b])
-            caps = [self.pairs.captions[i] for i in idx]
-            inputs, targets, mask = pad_captions(caps, int(self.pairs.lengths[idx].max()))
-            splits = np.array_split(np.arange(len(idx)), num_replicas)
-            rows = np.concatenate([splits[r] for r in replicas]).astype(np.int64)
-            seeds = None
-            if sample_views:  # per (seed, epoch, batch, row): independent of the replica layout
-                rng = np.random.default_rng([self.seed, epoch, b, 13])
-                seeds = rng.integers(0, 2**31 - 1, (len(idx), 2)).astype(np.int32)[rows]
-            images, ok = self.load_images(idx[rows], seeds)
-            mask[rows[~ok]] = 0.0
-            words, offset = np.float32(mask.sum()), 0
-            for r in replicas:
-                part = splits[r]
-                yield {"images": images[offset:offset + len(part)], "input_seqs": inputs[part],
-                       "target_seqs": targets[part], "mask": mask[part], "global_words": words}
-                offset += len(part)
+    def load_inputs(self, pair_idx: np.ndarray, rng: np.random.Generator | None,
+                    rows: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+        """({"images": float32 [k, S, S, 3]}, ok bool [k]) of pair_idx[rows]; distortion seeds per (seed,
+        epoch, batch, row) drawn for the whole global batch (independent of the replica layout); rng None:
+        the central crop (validation)."""
+        rows = np.arange(len(pair_idx)) if rows is None else np.asarray(rows)
+        seeds = None
+        if rng is not None:
+            seeds = rng.integers(0, 2**31 - 1, (len(pair_idx), 2)).astype(np.int32)[rows]
+        images, ok = self.load_images(pair_idx[rows], seeds)
+        return {"images": images}, ok
 
-    def element_spec(self) -> dict:
-        """tf.TensorSpec of one element (see the class docstring)."""
+    def input_spec(self) -> dict:
+        """tf.TensorSpec of the inputs: {"images": float32 [None, S, S, 3]}."""
         s = self.image_size
-        return {"images": tf.TensorSpec([None, s, s, 3], tf.float32),
-                "input_seqs": tf.TensorSpec([None, None], tf.int32),
-                "target_seqs": tf.TensorSpec([None, None], tf.int32),
-                "mask": tf.TensorSpec([None, None], tf.float32),
-                "global_words": tf.TensorSpec([], tf.float32)}
+        return {"images": tf.TensorSpec([None, s, s, 3], tf.float32)}

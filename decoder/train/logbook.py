@@ -49,7 +49,8 @@ class Logbook:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, step: int, epoch: float, kind: str, values: dict) -> dict:
-        """Log `values` ({name: float}) at `step`; kind: "train" or "val". Returns the row."""
+        """Log `values` ({name: float}) at `step`; kind: the row's group (the loop writes "eval": a
+        validation with the train loss since the previous one). Returns the row."""
         row = {"step": int(step), "epoch": round(float(epoch), 4), "kind": kind,
                "time": round(time.time(), 3)}
         row.update({k: float(v) for k, v in values.items()})
