@@ -4,6 +4,7 @@ Each command parses its options, calls one package function and prints. Nothing 
 environment. A bad argument raises `data.errors.InputError`, printed as one sentence with exit status 2.
 """
 
+import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -84,7 +85,7 @@ def _options(*options):
 
 
 def caption_options(required: bool, captions_help: str, scheme_help: str):
-    """--captions (repeatable), --format and --split-scheme (see the README's "Captions, splits")."""
+    """--captions (repeatable), --format and --split-scheme (see docs/captions.md)."""
     return _options(
         click.option("--captions", required=required, multiple=True, help=captions_help),
         click.option("--format", "caption_format", default="auto", show_default=True,
@@ -370,6 +371,80 @@ def finetune_command(model_dir, images, captions, caption_format, split_scheme, 
                       log=lambda m: click.echo(m, err=True))
     click.echo(f"step {result.step}, epoch {result.epoch:.2f}: val perplexity {result.val_perplexity:.3f} "
                f"(best {result.best_val_perplexity:.3f}) -> {out}")
+
+
+def _finite(ctx, param, value):
+    """click callback: refuse NaN and infinity (FloatRange lets NaN through)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.", ctx=ctx, param=param)
+    return value
+
+
+@main.command("train-scst")
+@click.option("--model-dir", required=True,
+              help="XE-trained model dir (train-decoder, finetune or import-im2txt): the starting point.")
+@click.option("--features", required=True,
+              help="Feature store of the model's CNN (extract): the training and validation images.")
+@caption_options(True, "Caption file (repeatable) holding the splits and ALL their reference captions.",
+                 _TRAIN_SPLIT)
+@click.option("--out", required=True, help="NEW model dir to write; rerunning the same command resumes.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Run length in optimizer steps (wins over --epochs).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
+              help="Run length in epochs (one epoch = every training image once).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Global batch size in images (each sampled --samples times).")
+@click.option("--samples", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Captions sampled per training image (temperature 1).")
+@click.option("--baseline", type=click.Choice(["mean", "greedy"]), default="mean", show_default=True,
+              help="mean: each sample's baseline is the mean reward of the image's other samples (needs "
+                   "--samples >= 2); greedy: the reward of the greedy caption (Rennie et al. 2017).")
+@click.option("--max-length", type=click.IntRange(min=2), default=16, show_default=True,
+              help="Most tokens per sampled caption, counting <S> and </S>.")
+@click.option("--cider-df", type=click.Choice(["train", "corpus"]), default="train", show_default=True,
+              help="CIDEr-D document frequencies: of all training references, or of each batch's images.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=5e-5,
+              show_default=True, callback=_finite, help="Constant Adam learning rate.")
+@click.option("--clip-gradients", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              callback=_finite, help="Global-norm gradient clip (0: off).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Validation CIDEr-D (greedy captions) every N steps (and at each epoch end).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Checkpoint every N steps (keeps the last 5, plus the best by validation CIDEr-D).")
+@click.option("--max-val-images", type=click.IntRange(min=1), default=None,
+              help="Validate on at most this many validation images (default: all).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the shuffles and the sampled captions (a resumed run draws the same).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+              default="auto", show_default=True, help="auto: mixed_float16 on a GPU, float32 on a CPU.")
+@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Hold the features in RAM (auto: when they fit) or stream them from the file.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in an --out dir that holds another run.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_scst_command(model_dir, features, captions, caption_format, split_scheme, out, steps, epochs,
+                       batch_size, samples, baseline, max_length, cider_df, learning_rate, clip_gradients,
+                       eval_every, checkpoint_every, max_val_images, seed, precision, in_memory, overwrite,
+                       no_progress):
+    """Self-critical training (SCST) of a trained decoder on CIDEr-D, from the feature cache.
+
+    Per training image: --samples captions sampled from the model, reward = CIDEr-D against the image's
+    references, loss = -(reward - baseline) * log p(caption) averaged over words; Adam lr 5e-5. Writes a
+    NEW model dir (caption, evaluate and export use it as any other); validation = CIDEr-D of greedy
+    captions of the val split. Same training loop as train-decoder (checkpoints, resume, GPUs).
+    """
+    from decoder.train.scst import ScstConfig, scst_recipe, train_scst
+
+    cfg = ScstConfig(model_dir=model_dir, features=features, captions=list(captions),
+                     caption_format=caption_format, split_scheme=split_scheme, samples=samples,
+                     baseline=baseline, max_length=max_length, cider_df=cider_df, in_memory=in_memory)
+    train = scst_recipe(batch_size=batch_size, learning_rate=learning_rate, clip_gradients=clip_gradients,
+                        epochs=epochs, steps=steps, seed=seed, eval_every=eval_every,
+                        checkpoint_every=checkpoint_every, max_val_pairs=max_val_images, precision=precision)
+    result = train_scst(cfg, out, train, overwrite=overwrite, progress=not no_progress,
+                        log=lambda m: click.echo(m, err=True))
+    click.echo(f"step {result.step}, epoch {result.epoch:.2f}: val CIDEr-D (greedy) "
+               f"{result.val_metrics.get('val_cider', float('nan')):.3f} (best {-result.best_score:.3f}) "
+               f"-> {out}")
 
 
 @main.command("evaluate")

@@ -9,7 +9,7 @@ BasicLSTMCell computes `[x, h] @ W + b` split into gates (i, j, f, o), `c' = c*s
 `h' = tanh(c')*sig(o)`, state [c, h]. Keras' LSTMCell uses (i, f, c, o), a kernel for x and a recurrent
 kernel for h, sig(f) without +1 and state (h, c): the columns are reordered, W is split at row E, and the
 forget bias 1.0 is added to b_f. The embedding and logits keep all V rows (12000 in im2txt) with the
-vocabulary's ids; V may exceed the vocabulary (11518 lines + <UNK>): the model config's vocab_size is V,
+vocabulary's ids; V may exceed the vocabulary (11519 lines + <UNK>): the model config's vocab_size is V,
 ids >= len(vocab) decode as <UNK>. `global_step`, optimizer slots and slim's classifier heads are skipped.
 """
 

@@ -150,3 +150,20 @@ def test_feature_norm_standardize_uses_training_rows_only(tmp_path):
     loaded = load_model_dir(tmp_path / "m").model
     np.testing.assert_allclose(loaded.feature_mean.numpy(), train_feats.mean(0), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(loaded.feature_inv_std.numpy(), 1 / train_feats.std(0), rtol=1e-2)
+
+
+def test_finished_run_says_so_and_changes_nothing(tmp_path):
+    store, captions = make_dataset(tmp_path / "d")
+    first = _train(store, captions, tmp_path / "m", steps=6)
+    weights = h5_datasets(tmp_path / "m" / "decoder.weights.h5")
+    rows = (tmp_path / "m" / "metrics.jsonl").read_text()
+    logs = []
+    cfg = TrainConfig(batch_size=8, eval_every=0, checkpoint_every=5, steps=6)
+    again = train_decoder(DataConfig(str(store), [str(captions)], min_word_count=1), tmp_path / "m", cfg,
+                          embedding_size=16, lstm_units=16, progress=False, log=logs.append)
+    text = "\n".join(logs)
+    assert again.already_done and "nothing to do" in text and "nan" not in text.lower()
+    assert again.val_perplexity == pytest.approx(first.val_perplexity) and np.isfinite(again.train_loss)
+    assert (tmp_path / "m" / "metrics.jsonl").read_text() == rows
+    for name, value in h5_datasets(tmp_path / "m" / "decoder.weights.h5").items():
+        np.testing.assert_array_equal(value, weights[name])

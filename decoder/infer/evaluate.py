@@ -28,8 +28,7 @@ from data.errors import InputError
 from data.pipeline import PairBatches, match_pairs
 from decoder.infer.captioner import Captioner
 from decoder.infer.features import FeatureInput, ImageInput, StoreInput
-from decoder.train.step import DecoderTrainable
-from decoder.train.step import perplexity as decoder_perplexity
+from decoder.train.step import DecoderTrainable, perplexity
 from evaluation.metrics import (
     MetricsResult,
     format_metrics_table,
@@ -161,12 +160,12 @@ def split_features(items: FeatureInput, batch_size: int, progress: bool):
     return np.concatenate(feats), used, skipped
 
 
-def perplexity(model, vocab, records, features: np.ndarray, batch_size: int = 256) -> float:
+def references_perplexity(model, vocab, records, features: np.ndarray, batch_size: int = 256) -> float:
     """exp(mean CE per real target word) over every caption of `records`; record i's image has the features
     features[i] (float32 [n, D]). Computed by the decoder's own validation function."""
     pairs = match_pairs(records, [r.path for r in records], np.ones(len(records), bool), vocab)
     source = PairBatches(pairs, _ArrayFeatures(features), batch_size, seed=0)
-    return decoder_perplexity(DecoderTrainable(model), source, batch_size)[0]
+    return perplexity(DecoderTrainable(model), source, batch_size)[0]
 
 
 def generate_captions(captioner: Captioner, features: np.ndarray, batch_size: int,
@@ -198,7 +197,8 @@ def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print)
     kept = [records[j] for j in used]
     log(f"{cfg.split}: {len(kept)} images with {sum(len(r.captions) for r in kept)} reference captions"
         f" ({len(skipped)} skipped)")
-    ppl = perplexity(captioner.model, captioner.vocab, kept, feats, batch_size=max(4 * cfg.batch_size, 64))
+    ppl = references_perplexity(captioner.model, captioner.vocab, kept, feats,
+                                batch_size=max(4 * cfg.batch_size, 64))
     texts = generate_captions(captioner, feats, cfg.batch_size, cfg.progress)
     items = [EvalItem(records[j], text, files[j]) for j, text in zip(used, texts, strict=True)]
     results = [{"image_id": it.record.image_id, "caption": it.caption} for it in items]
