@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) bench/beam.py
 	$(PY) bench/extract.py
 	$(PY) bench/train_decoder.py
+	$(PY) bench/scst.py
+	$(PY) bench/export.py
 
 clean:
 	rm -rf $(VENV) demo_run build *.egg-info .pytest_cache .ruff_cache

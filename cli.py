@@ -36,12 +36,15 @@ class _Command(click.Command):
     errors still shown) after its options were parsed and checked, so usage errors come back at once."""
 
     def invoke(self, ctx):
+        for check in _PRECHECKS.get(self.name, ()):  # checks across options, still before TensorFlow
+            check(ctx.params)
         if self.name not in _NO_TENSORFLOW:
             quiet_tensorflow()
         return super().invoke(ctx)
 
 
 _NO_TENSORFLOW = {"merge-features"}
+_PRECHECKS: dict = {}  # command name -> functions(params) raising click.UsageError (filled below)
 
 
 class _Group(click.Group):
@@ -71,6 +74,23 @@ def main():
 
 # ---- options shared by several commands ------------------------------------------------------------------
 _FORMATS = ("auto", *FORMATS)
+SEEDS = click.IntRange(0, 2**32 - 1)  # numpy's and keras.utils.set_random_seed's range
+IMAGE_SIZES = click.IntRange(75, 2048)  # InceptionV3 needs >= 75 px; im2txt uses 299
+MAX_BEAM = 64  # each step scores beam x beam x vocabulary candidates per image: beam 100000 took 33 s and
+# 2.5 GB for one image; im2txt uses 3 and captions stop improving beyond ~10, so 64 leaves ample room
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses NaN and +-inf (FloatRange lets NaN through: every comparison with
+    NaN is false). The range is checked while parsing, so the usage error comes before TensorFlow starts."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
 
 
 def _options(*options):
@@ -95,22 +115,27 @@ def caption_options(required: bool, captions_help: str, scheme_help: str):
 
 
 search_options = _options(  # beam search as im2txt: --beam-size, --max-length, --length-normalization
-    click.option("--beam-size", default=3, show_default=True, type=int,
-                 help="Beam size (1 = greedy; im2txt: 3)."),
-    click.option("--max-length", default=20, show_default=True, type=int,
-                 help="Most tokens per caption, counting <S> and </S> (im2txt: 20)."),
-    click.option("--length-normalization", default=0.0, show_default=True, type=float,
+    click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, MAX_BEAM),
+                 help=f"Beam size (1 = greedy; im2txt: 3; at most {MAX_BEAM}: the work per image grows with "
+                      "its square)."),
+    click.option("--max-length", default=20, show_default=True, type=click.IntRange(2, 1000),
+                 help="Most tokens per caption, counting <S> and </S> (im2txt: 20; >= 2)."),
+    click.option("--length-normalization", default=0.0, show_default=True, type=FiniteRange(min=0),
                  help="alpha: complete captions scored logprob / len**alpha (im2txt: 0)."))
 loop_options = _options(  # the training loop: --steps, --epochs, --batch-size, --clip-gradients, --eval-every
-    click.option("--steps", type=int, default=None,
+    click.option("--steps", type=click.IntRange(min=1), default=None,
                  help="Run length in optimizer steps (wins over --epochs)."),
-    click.option("--epochs", type=float, default=None,
+    click.option("--epochs", type=FiniteRange(min=0, min_open=True), default=None,
                  help="Run length in epochs (one epoch = every training (image, caption) pair once)."),
-    click.option("--batch-size", type=int, default=32, show_default=True, help="Global batch size (pairs)."),
-    click.option("--clip-gradients", type=float, default=5.0, show_default=True,
+    click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="Global batch size (pairs)."),
+    click.option("--clip-gradients", type=FiniteRange(min=0), default=5.0, show_default=True,
                  help="Global-norm gradient clip (0: off)."),
-    click.option("--eval-every", type=int, default=1000, show_default=True,
-                 help="Validation perplexity every N steps (and at each epoch end)."))
+    click.option("--eval-every", type=click.IntRange(min=0), default=1000, show_default=True,
+                 help="Validation perplexity every N steps, at each epoch end and at the end (0: only "
+                      "there)."),
+    click.option("--max-caption-length", type=click.IntRange(min=1), default=100, show_default=True,
+                 help="Skip (and count) training captions of more tokens (COCO's longest: 57)."))
 _CAPTION_FILES = "Caption file (repeatable): COCO json, Karpathy dataset_*.json or Flickr8k token file."
 _TRAIN_SPLIT = "Split scheme: train on its train part, validate on its val part."
 
@@ -126,7 +151,7 @@ _TRAIN_SPLIT = "Split scheme: train on its train part, validate on its val part.
 @click.option("--cnn-weights", default=None,
               help="Only for a checkpoint without InceptionV3/ variables: imagenet, none, a Keras weights "
                    "file or slim:PATH/inception_v3.ckpt.")
-@click.option("--image-size", default=299, show_default=True, type=int,
+@click.option("--image-size", default=299, show_default=True, type=IMAGE_SIZES,
               help="CNN input size recorded in the model dir (im2txt: 299).")
 def import_im2txt_command(checkpoint, vocab, out, cnn_weights, image_size):
     """Convert an im2txt (TF1) checkpoint and its word_counts.txt into a showtell model dir.
@@ -149,18 +174,19 @@ def import_im2txt_command(checkpoint, vocab, out, cnn_weights, image_size):
                  "Split scheme of the caption files (every split is extracted).")
 @click.option("--cnn-weights", default="imagenet", show_default=True,
               help="imagenet (Keras download), none (seeded random, tests), a .weights.h5 file or slim:CKPT.")
-@click.option("--image-size", default=299, show_default=True, type=int,
+@click.option("--image-size", default=299, show_default=True, type=IMAGE_SIZES,
               help="CNN input size S (>= 75); images are resized to round(S*346/299) and centre-cropped.")
-@click.option("--batch-size", default=32, show_default=True, type=int,
-              help="Images per CNN call and commit.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Images per CNN call and commit (a resumed run must use the same).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored feature dtype.")
-@click.option("--views", default=1, show_default=True, type=int,
+@click.option("--views", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Views per image: 1 central crop + V-1 distorted training views (crop, flip, colour).")
-@click.option("--shard", default=0, show_default=True, type=int, help="This shard K (0-based).")
-@click.option("--num-shards", default=1, show_default=True, type=int,
+@click.option("--shard", default=0, show_default=True, type=click.IntRange(min=0),
+              help="This shard K (0-based, < --num-shards).")
+@click.option("--num-shards", default=1, show_default=True, type=click.IntRange(min=1),
               help="Split the images into N deterministic shards (row i -> shard i % N); see merge-features.")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEEDS,
               help="Seed of the random CNN (--cnn-weights none) and of the distorted views.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def extract_command(paths, out, images, captions, caption_format, split_scheme, cnn_weights, image_size,
@@ -176,7 +202,16 @@ def extract_command(paths, out, images, captions, caption_format, split_scheme, 
                         caption_format=caption_format, split_scheme=split_scheme, cnn_weights=cnn_weights,
                         image_size=image_size, batch_size=batch_size, dtype=dtype, views=views, shard=shard,
                         num_shards=num_shards, seed=seed, progress=not no_progress)
-    click.echo(run_extract(cfg).summary())
+    click.echo(run_extract(cfg, log=lambda m: click.echo(m, err=True)).summary())
+
+
+def _shard_in_range(params: dict) -> None:
+    if params["shard"] >= params["num_shards"]:
+        raise click.BadParameter(f"{params['shard']} is not below --num-shards {params['num_shards']} "
+                                 f"(shards are 0..{params['num_shards'] - 1}).", param_hint="'--shard'")
+
+
+_PRECHECKS["extract"] = (_shard_in_range,)
 
 
 @main.command("merge-features")
@@ -194,24 +229,27 @@ def merge_features_command(shards, out):
 @caption_options(True, _CAPTION_FILES, _TRAIN_SPLIT)
 @click.option("--model-dir", required=True, help="Output model dir; rerunning the same command resumes.")
 @loop_options
-@click.option("--embedding-size", type=int, default=512, show_default=True,
+@click.option("--embedding-size", type=click.IntRange(1, 8192), default=512, show_default=True,
               help="Width of the image and word embeddings.")
-@click.option("--lstm-units", type=int, default=512, show_default=True, help="LSTM state size.")
+@click.option("--lstm-units", type=click.IntRange(1, 8192), default=512, show_default=True,
+              help="LSTM state size.")
 @click.option("--feature-norm", type=click.Choice(["none", "standardize"]), default="none", show_default=True,
               help="standardize: (f - mean) / std per dimension from the training features (for "
                    "--cnn-weights none stores); none: im2txt's raw features.")
 @click.option("--vocab", default=None, help="Use this word_counts.txt instead of building one.")
-@click.option("--min-word-count", type=int, default=4, show_default=True,
+@click.option("--min-word-count", type=click.IntRange(min=1), default=4, show_default=True,
               help="Building the vocabulary: words seen fewer times in training captions become <UNK>.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
               help="sgd: im2txt's recipe (lr 2.0, x0.5 every 8 epochs); adam: Keras defaults (lr 0.001).")
-@click.option("--learning-rate", type=float, default=None,
+@click.option("--learning-rate", type=FiniteRange(min=0, min_open=True), default=None,
               help="Initial learning rate (default: per optimizer).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEEDS, default=0, show_default=True,
               help="Seed of init, shuffles, views and dropout (deterministic on CPU).")
-@click.option("--checkpoint-every", type=int, default=500, show_default=True,
-              help="Checkpoint every N steps (keeps the last 5, plus the best by validation).")
-@click.option("--max-val-pairs", type=int, default=None, help="Validate on at most this many pairs.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Checkpoint every N steps (keeps the last 5, plus the best by validation); 0: only at "
+                   "evaluations and at the end.")
+@click.option("--max-val-pairs", type=click.IntRange(min=1), default=None,
+              help="Validate on at most this many pairs (default: all).")
 @click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]),
               default="float32", show_default=True, help="mixed_float16 speeds up GPUs (dynamic loss scale).")
 @click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
@@ -221,8 +259,8 @@ def merge_features_command(shards, out):
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_decoder_command(features, captions, caption_format, split_scheme, model_dir, steps, epochs,
                           batch_size, embedding_size, lstm_units, feature_norm, vocab, min_word_count,
-                          optimizer, learning_rate, clip_gradients, seed, eval_every, checkpoint_every,
-                          max_val_pairs, precision, in_memory, overwrite, no_progress):
+                          optimizer, learning_rate, clip_gradients, seed, eval_every, max_caption_length,
+                          checkpoint_every, max_val_pairs, precision, in_memory, overwrite, no_progress):
     """Train the Show and Tell decoder (projection, embeddings, LSTM, logits) from cached features.
 
     Recipe: im2txt phase 1 (SGD 2.0, clip 5.0, x0.5 every 8 epochs, batch 32). Uses every local GPU
@@ -234,7 +272,7 @@ def train_decoder_command(features, captions, caption_format, split_scheme, mode
 
     data = DataConfig(features=features, captions=list(captions), caption_format=caption_format,
                       split_scheme=split_scheme, vocab=vocab,
-                      min_word_count=min_word_count)
+                      min_word_count=min_word_count, max_caption_length=max_caption_length)
     train = TrainConfig(batch_size=batch_size, optimizer=optimizer, learning_rate=learning_rate,
                         clip_gradients=clip_gradients, epochs=epochs, steps=steps, seed=seed,
                         eval_every=eval_every, checkpoint_every=checkpoint_every, max_val_pairs=max_val_pairs,
@@ -253,21 +291,24 @@ def train_decoder_command(features, captions, caption_format, split_scheme, mode
               help="Trained model dir (train-decoder, finetune or import-im2txt).")
 @click.option("--features", default=None, help="Caption rows of this feature store instead of image PATHS.")
 @click.option("--keys", multiple=True, help="With --features: only these store keys (repeatable).")
-@click.option("--top", default=3, show_default=True, type=int, help="Captions printed per image.")
+@click.option("--top", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Captions printed per image.")
 @click.option("--json", "json_out", default=None,
-              help="Write COCO results JSON [{image_id, caption, file_name}] with each image's best caption.")
+              help="Write COCO results JSON [{image_id, caption, file_name}] with each image's best caption "
+                   "(image_id -1: unknown, the image is named by file_name).")
 @search_options
-@click.option("--no-repeat-ngram", default=0, show_default=True, type=int,
+@click.option("--no-repeat-ngram", default=0, show_default=True, type=click.IntRange(min=0),
               help="Never repeat an n-gram of this size within a caption (0 = off).")
 @click.option("--suppress-unk", is_flag=True, help="Never emit <UNK>.")
 @click.option("--sample", is_flag=True, help="Sample captions instead of beam search.")
-@click.option("--num-samples", default=1, show_default=True, type=int, help="--sample: captions per image.")
-@click.option("--temperature", default=1.0, show_default=True, type=float,
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(1, MAX_BEAM),
+              help="--sample: captions per image.")
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteRange(min=0, min_open=True),
               help="--sample: softmax temperature (<1 sharper, >1 more varied).")
-@click.option("--top-k", default=0, show_default=True, type=int,
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
               help="--sample: draw only among the k most likely words (0 = all).")
-@click.option("--seed", default=0, show_default=True, type=int, help="--sample: random seed.")
-@click.option("--batch-size", default=32, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEEDS, help="--sample: random seed.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Images per CNN and search batch.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, max_length,
@@ -285,12 +326,6 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
     from evaluation.metrics import write_results_json
     from extract.inputs import check_output
 
-    if bool(paths) == bool(features):
-        raise InputError("give either image PATHS or --features FILE.h5 (one of them).")
-    if keys and not features:
-        raise InputError("--keys selects rows of a feature store: it needs --features.")
-    if top < 1 or batch_size < 1:
-        raise InputError("--top and --batch-size must be at least 1.")
     if json_out:
         check_output(json_out)
     search = SearchConfig(beam_size=beam_size, max_length=max_length,
@@ -317,6 +352,49 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
         raise SystemExit(1)
 
 
+def _caption_inputs(params: dict) -> None:
+    if bool(params["paths"]) == bool(params["features"]):
+        raise InputError("give either image PATHS or --features FILE.h5 (one of them).")
+    if params["keys"] and not params["features"]:
+        raise InputError("--keys selects rows of a feature store: it needs --features.")
+
+
+_PRECHECKS["caption"] = (_caption_inputs,)
+
+
+@main.command("export")
+@click.option("--model-dir", required=True,
+              help="Trained model dir (train-decoder, finetune or import-im2txt) with a CNN record.")
+@click.option("--out", required=True,
+              help="SavedModel folder to write, e.g. exported/showtell/1 (TF Serving's version folder).")
+@search_options
+@click.option("--top", default=3, show_default=True, type=click.IntRange(1, MAX_BEAM),
+              help="Captions returned per image (at most --beam-size).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def export_command(model_dir, out, beam_size, max_length, length_normalization, top, overwrite):
+    """Export a model dir as a self-contained SavedModel: image bytes -> captions, for TF Serving.
+
+    Signatures: serving_default(images string [N]) and caption_features(features float32 [N, 2048]), both
+    -> captions string [N, top], log_probs float32 [N, top], ok bool [N]. Decoding, preprocessing, the CNN,
+    the decoder and the beam search all run inside the graph; loading it needs TensorFlow only.
+    """
+    from decoder.infer.export import ExportConfig, export_model
+
+    config = ExportConfig(beam_size=beam_size, max_length=max_length,
+                          length_normalization=length_normalization, top=top)
+    report = export_model(model_dir, out, config, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    click.echo(report.summary())
+
+
+def _top_within_beam(params):
+    if params["top"] > params["beam_size"]:
+        raise click.BadParameter(f"--top {params['top']} is more than --beam-size {params['beam_size']}: the "
+                                 "search returns at most beam-size captions per image.", param_hint="'--top'")
+
+
+_PRECHECKS["export"] = (_top_within_beam,)
+
+
 @main.command("finetune")
 @click.option("--model-dir", required=True,
               help="Trained model dir (train-decoder, import-im2txt or finetune): the starting point.")
@@ -326,30 +404,31 @@ def caption_command(paths, model_dir, features, keys, top, json_out, beam_size, 
 @click.option("--out", required=True,
               help="NEW model dir to write (cnn.weights.h5 + decoder); rerunning the same command resumes.")
 @loop_options
-@click.option("--trainable-blocks", type=int, default=None,
+@click.option("--trainable-blocks", type=click.IntRange(0, 11), default=None,
               help="Train only the top N of InceptionV3's 11 mixed blocks (mixed10 down; 0 = CNN frozen). "
                    "Default: the whole CNN.")
-@click.option("--image-size", type=int, default=None,
+@click.option("--image-size", type=IMAGE_SIZES, default=None,
               help="CNN input size (>= 75). Default: the model dir's CNN image size; smaller for a CPU.")
-@click.option("--learning-rate", type=float, default=0.0005, show_default=True,
+@click.option("--learning-rate", type=FiniteRange(min=0, min_open=True), default=0.0005, show_default=True,
               help="Constant SGD learning rate (im2txt phase 2).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEEDS, default=0, show_default=True,
               help="Seed of shuffles, image distortions and dropout.")
-@click.option("--checkpoint-every", type=int, default=500, show_default=True,
-              help="Checkpoint every N steps (keeps the last 3, ~90 MB each, plus the best by validation).")
-@click.option("--max-val-pairs", type=int, default=2000, show_default=True,
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Checkpoint every N steps (keeps the last 3, ~90 MB each, plus the best by validation); "
+                   "0: only at evaluations and at the end.")
+@click.option("--max-val-pairs", type=click.IntRange(min=0), default=2000, show_default=True,
               help="Validate on at most this many (image, caption) pairs (0: all).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
               default="auto", show_default=True, help="auto: mixed_float16 on a GPU, float32 on a CPU.")
-@click.option("--decode-threads", type=int, default=8, show_default=True,
+@click.option("--decode-threads", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Threads decoding image files for each batch.")
 @click.option("--overwrite", is_flag=True,
               help="Start afresh in an --out dir that holds another run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def finetune_command(model_dir, images, captions, caption_format, split_scheme, out, steps, epochs,
                      batch_size, trainable_blocks, image_size, learning_rate, clip_gradients, seed,
-                     eval_every, checkpoint_every, max_val_pairs, precision, decode_threads, overwrite,
-                     no_progress):
+                     eval_every, max_caption_length, checkpoint_every, max_val_pairs, precision,
+                     decode_threads, overwrite, no_progress):
     """Fine-tune the CNN and the decoder of a trained model dir end-to-end on images (im2txt phase 2).
 
     Recipe: SGD lr 0.0005 constant, clip 5.0, batch 32; training distortions (random crop, flip, colour
@@ -362,7 +441,7 @@ def finetune_command(model_dir, images, captions, caption_format, split_scheme, 
     cfg = FinetuneConfig(model_dir=model_dir, images=list(images), captions=list(captions),
                          caption_format=caption_format, split_scheme=split_scheme,
                          trainable_blocks=trainable_blocks, image_size=image_size,
-                         decode_threads=decode_threads)
+                         decode_threads=decode_threads, max_caption_length=max_caption_length)
     train = phase2_recipe(batch_size=batch_size, learning_rate=learning_rate, clip_gradients=clip_gradients,
                           epochs=epochs, steps=steps, seed=seed, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, max_val_pairs=max_val_pairs,
@@ -371,13 +450,6 @@ def finetune_command(model_dir, images, captions, caption_format, split_scheme, 
                       log=lambda m: click.echo(m, err=True))
     click.echo(f"step {result.step}, epoch {result.epoch:.2f}: val perplexity {result.val_perplexity:.3f} "
                f"(best {result.best_val_perplexity:.3f}) -> {out}")
-
-
-def _finite(ctx, param, value):
-    """click callback: refuse NaN and infinity (FloatRange lets NaN through)."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number.", ctx=ctx, param=param)
-    return value
 
 
 @main.command("train-scst")
@@ -390,30 +462,30 @@ def _finite(ctx, param, value):
 @click.option("--out", required=True, help="NEW model dir to write; rerunning the same command resumes.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Run length in optimizer steps (wins over --epochs).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
+@click.option("--epochs", type=FiniteRange(min=0, min_open=True), default=None,
               help="Run length in epochs (one epoch = every training image once).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Global batch size in images (each sampled --samples times).")
-@click.option("--samples", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Captions sampled per training image (temperature 1).")
+@click.option("--samples", type=click.IntRange(1, 64), default=5, show_default=True,
+              help="Captions sampled per training image (temperature 1; 1..64).")
 @click.option("--baseline", type=click.Choice(["mean", "greedy"]), default="mean", show_default=True,
               help="mean: each sample's baseline is the mean reward of the image's other samples (needs "
                    "--samples >= 2); greedy: the reward of the greedy caption (Rennie et al. 2017).")
-@click.option("--max-length", type=click.IntRange(min=2), default=16, show_default=True,
-              help="Most tokens per sampled caption, counting <S> and </S>.")
+@click.option("--max-length", type=click.IntRange(2, 1000), default=16, show_default=True,
+              help="Most tokens per sampled caption, counting <S> and </S> (>= 2).")
 @click.option("--cider-df", type=click.Choice(["train", "corpus"]), default="train", show_default=True,
               help="CIDEr-D document frequencies: of all training references, or of each batch's images.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=5e-5,
-              show_default=True, callback=_finite, help="Constant Adam learning rate.")
-@click.option("--clip-gradients", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              callback=_finite, help="Global-norm gradient clip (0: off).")
+@click.option("--learning-rate", type=FiniteRange(min=0, min_open=True), default=5e-5, show_default=True,
+              help="Constant Adam learning rate.")
+@click.option("--clip-gradients", type=FiniteRange(min=0), default=5.0, show_default=True,
+              help="Global-norm gradient clip (0: off).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Validation CIDEr-D (greedy captions) every N steps (and at each epoch end).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
               help="Checkpoint every N steps (keeps the last 5, plus the best by validation CIDEr-D).")
 @click.option("--max-val-images", type=click.IntRange(min=1), default=None,
               help="Validate on at most this many validation images (default: all).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=SEEDS, default=0, show_default=True,
               help="Seed of the shuffles and the sampled captions (a resumed run draws the same).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
               default="auto", show_default=True, help="auto: mixed_float16 on a GPU, float32 on a CPU.")
@@ -447,6 +519,16 @@ def train_scst_command(model_dir, features, captions, caption_format, split_sche
                f"-> {out}")
 
 
+def _scst_samples(params: dict) -> None:
+    if params["baseline"] == "mean" and params["samples"] < 2:
+        raise click.BadParameter(f"{params['samples']} is too few for --baseline mean, which compares each "
+                                 "sample with the image's other samples: give 2 or more.",
+                                 param_hint="'--samples'")
+
+
+_PRECHECKS["train-scst"] = (_scst_samples,)
+
+
 @main.command("evaluate")
 @click.option("--model-dir", required=True,
               help="Trained model dir (train-decoder, finetune or import-im2txt).")
@@ -468,9 +550,10 @@ def train_scst_command(model_dir, features, captions, caption_format, split_sche
 @click.option("--report", default=None,
               help="Also write this self-contained HTML page: every image, worst CIDEr first.")
 @search_options
-@click.option("--batch-size", default=64, show_default=True, type=int,
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per CNN and search batch.")
-@click.option("--max-images", default=None, type=int, help="Evaluate only the first N images of the split.")
+@click.option("--max-images", default=None, type=click.IntRange(min=1),
+              help="Evaluate only the first N images of the split.")
 @click.option("--java", "java", default="auto", show_default=True, type=click.Choice(["auto", "yes", "no"]),
               help="PTB tokenizer + METEOR need java: auto (when on the PATH), yes (require it), no (never).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")

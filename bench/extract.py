@@ -30,24 +30,9 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from sample_images import gather_images  # noqa: E402  (bench/, the script's folder)
 
 SHARED_DATA = REPO.parent / "shared" / "data"
-SAMPLE = Path("coco_val2017_sample") / "images"  # under SHARED_DATA
-
-
-def gather_images(folder: Path, n: int, shared: Path) -> str:
-    """Link up to n sample JPEGs of `shared` into folder and generate the rest at 640x480; returns a note."""
-    sample = shared / SAMPLE
-    real = sorted(sample.glob("*.jpg"))[:n] if sample.is_dir() else []
-    for path in real:
-        os.symlink(path, folder / path.name)
-    rng = np.random.default_rng(0)
-    for i in range(n - len(real)):
-        yy, xx = np.mgrid[0:480, 0:640]
-        arr = np.stack([(xx * rng.uniform(0.1, 1)) % 256, (yy * rng.uniform(0.1, 1)) % 256,
-                        rng.integers(0, 256, (480, 640))], -1).astype(np.uint8)
-        Image.fromarray(arr).save(folder / f"gen{i:03d}.jpg", quality=90)
-    return f"{len(real)} from coco_val2017_sample + {n - len(real)} generated 640x480"
 
 
 def naive_rate(model, paths: list[Path], size: int) -> float:
@@ -88,8 +73,8 @@ def main() -> None:
         args.images, args.reps, args.batch_size, args.naive, args.image_size = 8, 1, 4, 4, 75
     size = args.image_size
 
-    import tensorflow as tf
 
+    from extract.devices import accelerators
     from extract.encoder import CNNSpec
     from extract.pipeline import inference_encoder
     from extract.preprocess import decode_image, preprocess
@@ -102,7 +87,7 @@ def main() -> None:
         paths = sorted((work / "img").iterdir())
         print(f"images{' (smoke)' if args.smoke else ''}: {len(paths)} ({note}), {size} px, "
               f"batch {args.batch_size}, "
-              f"{os.cpu_count()} CPUs, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+              f"{os.cpu_count()} CPUs, GPUs: {len(accelerators())}")
 
         def cfg(out, imgs):
             return ExtractConfig(out=str(work / out), paths=imgs, cnn_weights="none", image_size=size,

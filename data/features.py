@@ -15,7 +15,15 @@ Crash safety (kill -9 at any moment): the file is created complete-but-empty und
 (every chunk allocated and zero-filled, so a full disk fails here, before any work) and renamed into place.
 After that a run only overwrites pre-allocated raw data and then bumps the scalar attr `rows_done` in place
 (flush + fsync between the two), so no HDF5 structure is ever rewritten and the commit point is one small
-write: rows below `rows_done` are final, rows above it are redone on resume.
+write: rows below `rows_done` are final, rows above it are redone on resume. Before writing, a commit
+records the end of its rows in the attr `rows_writing`; reopening an incomplete store for writing reseals
+the checksums of the chunks of rows [rows_done, rows_writing) that a kill may have torn (data.integrity).
+
+Integrity (data.integrity): stores written since checksums were added carry an HDF5 Fletcher32 checksum on
+every chunk of /features, /image_ids, /ok and /errors (same format version: older stores, without
+checksums, are read as before). Every read of /features is checked: a chunk whose checksum fails and any
+NaN/Inf value raise InputError naming the file and the rows; damaged HDF5 metadata (any h5py failure while
+opening) raises InputError naming the file.
 """
 
 import json
@@ -27,12 +35,15 @@ import numpy as np
 
 from data.atomic import atomic_path
 from data.errors import InputError
+from data.integrity import damaged_rows, nonfinite_rows, reseal
 
 FORMAT_NAME = "showtell-features"
 FORMAT_VERSION = 1
 ERROR_WIDTH = 240  # bytes of utf-8 kept per /errors entry
 JSON_ATTRS = ("cnn", "run")
 CHUNK_BYTES = 1 << 20
+RESEALED = ("features", "ok", "errors")  # the datasets a commit writes (resealed after a torn write)
+REDO = "extract it again (delete it and rerun the extract command)"
 
 
 def _fsync(f: h5py.File) -> None:
@@ -48,6 +59,10 @@ def _early():
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     return dcpl
+
+
+def _chunk_rows(n: int, row_bytes: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // max(1, row_bytes)))
 
 
 def encode_errors(errors) -> np.ndarray:
@@ -103,26 +118,31 @@ def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, att
     if n < 1:
         raise InputError("no images to extract: the input list is empty.")
     shape = (n, dim) if views == 1 else (n, views, dim)
-    row_bytes = views * dim * np.dtype(dtype).itemsize
-    chunk_rows = max(1, min(n, CHUNK_BYTES // row_bytes))
+    chunk_rows = _chunk_rows(n, views * dim * np.dtype(dtype).itemsize)
+    try:
+        ids = np.asarray(image_ids, dtype=np.int64)
+    except OverflowError:
+        raise InputError("an image id does not fit in 64 bits (the store's /image_ids).") from None
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset(
                 "features", shape, dtype=dtype, chunks=(chunk_rows,) + shape[1:], fillvalue=0,
-                fill_time="alloc", dcpl=_early(),
+                fill_time="alloc", dcpl=_early(), fletcher32=True,
             )
             f.create_dataset("keys", data=list(keys), dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("image_ids", data=np.asarray(image_ids, dtype=np.int64))
-            f.create_dataset("ok", (n,), dtype=bool, fillvalue=False, fill_time="alloc", dcpl=_early())
+            f.create_dataset("image_ids", data=ids, fletcher32=True)
+            f.create_dataset("ok", (n,), dtype=bool, chunks=(_chunk_rows(n, 1),), fillvalue=False,
+                             fill_time="alloc", dcpl=_early(), fletcher32=True)
             f.create_dataset(
                 "errors", (n,), dtype=h5py.string_dtype("utf-8", ERROR_WIDTH), fill_time="alloc",
-                dcpl=_early(),
+                chunks=(_chunk_rows(n, ERROR_WIDTH),), dcpl=_early(), fletcher32=True,
             )
             base = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dtype,
                     "views": views, "dim": dim, "n_rows": n}
             for name, value in {**attrs, **base}.items():
                 f.attrs[name] = _attr_value(value)
             f.attrs["rows_done"] = np.int64(0)
+            f.attrs["rows_writing"] = np.int64(0)
             f.attrs["n_failed"] = np.int64(-1)
             f.attrs["complete"] = np.bool_(False)
             _fsync(f)
@@ -144,18 +164,48 @@ class _OpenFile:
         self.close()
 
 
+def _damaged(path, err: Exception) -> InputError:
+    """The InputError for a store that h5py cannot read (damaged metadata, a failing checksum)."""
+    detail = (str(err).splitlines() or [""])[0][:200]
+    return InputError(f"feature store {path} is damaged and cannot be read ({type(err).__name__}: {detail}); "
+                      f"{REDO}.")
+
+
 class StoreWriter(_OpenFile):
-    """An open store being filled in row order. `commit` is the only write during a run."""
+    """An open store being filled in row order. `commit` is the only write during a run.
+
+    Opening an incomplete store reseals the checksums of the chunks a killed run was writing
+    (`self.resealed`: how many)."""
 
     def __init__(self, path):
         self.path = Path(path)
         try:
             self._f = h5py.File(self.path, "r+")
         except OSError as err:
-            raise InputError(f"cannot open {self.path} for writing (in use by another run?): {err}") from None
-        _check_format(self._f, self.path)
-        self.attrs = _read_attrs(self._f)
-        self.n_rows = int(self.attrs["n_rows"])
+            detail = (str(err).splitlines() or [""])[0][:200]
+            raise InputError(f"cannot open {self.path} for writing ({detail}): it is damaged, not an HDF5 "
+                             "file, or open in another program.") from None
+        try:
+            _check_format(self._f, self.path)
+            self.attrs = _read_attrs(self._f)
+            self.n_rows = int(self.attrs["n_rows"])
+            self._track = "rows_writing" in self._f.attrs  # absent in stores written before checksums
+            self.resealed = self._reseal()
+        except InputError:
+            self._f.close()
+            raise
+        except Exception as err:  # noqa: BLE001 - any h5py failure: damaged file
+            self._f.close()
+            raise _damaged(self.path, err) from None
+
+    def _reseal(self) -> int:
+        """Reseal the chunks of rows [rows_done, rows_writing) (a commit a kill interrupted)."""
+        start = self.rows_done
+        stop = int(self._f.attrs["rows_writing"]) if self._track else start
+        fixed = sum(reseal(self._f[name], start, stop) for name in RESEALED)
+        if fixed:
+            _fsync(self._f)
+        return fixed
 
     @property
     def rows_done(self) -> int:
@@ -171,6 +221,9 @@ class StoreWriter(_OpenFile):
             raise ValueError(f"commit at row {start} but rows_done is {self.rows_done}")
         end = start + len(ok)
         f = self._f
+        if self._track:
+            f.attrs.modify("rows_writing", np.int64(end))
+            _fsync(f)
         f["features"][start:end] = np.asarray(features).astype(f["features"].dtype, copy=False)
         f["ok"][start:end] = np.asarray(ok, dtype=bool)
         f["errors"][start:end] = encode_errors(errors)
@@ -197,16 +250,17 @@ class StoreWriter(_OpenFile):
 
 
 class FeatureStore(_OpenFile):
-    """Read side of a feature store. Row arrays are loaded eagerly; features on demand."""
+    """Read side of a feature store. Row arrays are loaded eagerly; features on demand, checked (checksums,
+    finite values) on every read."""
 
     def __init__(self, path, f: h5py.File):
         self.path = Path(path)
         self._f = f
         self.attrs = _read_attrs(f)
-        self.keys = [k.decode("utf-8") if isinstance(k, bytes) else k for k in f["keys"][:]]
-        self.image_ids = f["image_ids"][:].astype(np.int64)
-        self.ok = f["ok"][:].astype(bool)
-        self.errors = [e.decode("utf-8") for e in f["errors"][:]]
+        self.keys = [k.decode("utf-8") if isinstance(k, bytes) else k for k in self._read("keys")]
+        self.image_ids = self._read("image_ids").astype(np.int64)
+        self.ok = self._read("ok").astype(bool)
+        self.errors = [e.decode("utf-8") for e in self._read("errors")]
         shape = f["features"].shape
         self.dim = int(shape[-1])
         self.views = 1 if len(shape) == 2 else int(shape[1])
@@ -218,41 +272,83 @@ class FeatureStore(_OpenFile):
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Dataset `name` (rows: sorted unique int64 indices, None: all); InputError naming the file and
+        the rows of the first chunk that fails its checksum (or cannot be read)."""
+        dset = self._f[name]
+        try:
+            return dset[...] if rows is None else dset[rows]
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            span = damaged_rows(dset, rows)
+            if span is None:
+                raise _damaged(self.path, err) from None
+            why = "fail their checksum" if dset.fletcher32 else f"cannot be read ({err})"
+            raise InputError(f"feature store {self.path} is damaged: rows {span[0]}..{span[1]} of /{name} "
+                             f"{why}; {REDO}.") from None
+
     def read_features(self, rows=None) -> np.ndarray:
-        """Features in the stored dtype: [n, D] or [n, V, D]; rows = None (all) or int indices (any order)."""
+        """Features in the stored dtype: [n, D] or [n, V, D]; rows = None (all) or int indices (any order).
+
+        InputError when a chunk fails its checksum or a value is NaN/Inf (named by file, row and key)."""
         dset = self._f["features"]
         if rows is None:
-            return dset[...]
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size == 0:
-            return np.zeros((0,) + dset.shape[1:], dtype=dset.dtype)
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        return dset[uniq][inverse]
+            values, index = self._read("features"), None
+        else:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if rows.size == 0:
+                return np.zeros((0,) + dset.shape[1:], dtype=dset.dtype)
+            if rows.min() < 0 or rows.max() >= dset.shape[0]:
+                raise IndexError(f"row index out of range 0..{dset.shape[0] - 1}")
+            index, inverse = np.unique(rows, return_inverse=True)
+            values = self._read("features", index)
+        bad = nonfinite_rows(values)
+        if len(bad):
+            first = int(bad[0] if index is None else index[bad[0]])
+            raise InputError(f"feature store {self.path} holds non-finite feature values (NaN or Inf) in "
+                             f"{len(bad)} row(s), e.g. row {first} ({self.keys[first]}): the file is "
+                             f"damaged; {REDO}.")
+        return values if index is None else values[inverse]
 
     def nbytes_in_memory(self) -> int:
         """Bytes needed to hold all features in memory in the stored dtype."""
         return int(np.prod(self._f["features"].shape)) * self.dtype.itemsize
 
 
+def _check_complete(f: h5py.File, path) -> None:
+    """InputError when the store's attrs say it is not complete (read before any array)."""
+    rows_done, n = int(f.attrs.get("rows_done", 0)), int(f["keys"].shape[0])
+    if not (bool(f.attrs.get("complete", False)) and rows_done == n):
+        raise InputError(
+            f"feature store {path} is incomplete ({rows_done}/{n} rows): rerun the same "
+            "extract command to finish it."
+        )
+
+
 def open_store(path, require_complete: bool = True) -> FeatureStore:
-    """Open a feature store for reading; InputError if missing, not a store, unknown version, incomplete."""
+    """Open a feature store for reading; InputError if missing, not a store, unknown version, incomplete,
+    or damaged (every h5py failure while opening becomes one sentence naming the file)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"feature store {path} does not exist.")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise InputError(f"{path} is not a readable HDF5 file (or is being written): {err}") from None
+        detail = (str(err).splitlines() or [""])[0][:200]
+        raise InputError(f"{path} is not a readable HDF5 file ({detail}): it is damaged or not a feature "
+                         "store.") from None
+    except Exception as err:  # noqa: BLE001 - h5py raises others on a damaged superblock
+        raise _damaged(path, err) from None
     try:
         _check_format(f, path)
-        store = FeatureStore(path, f)
+        if require_complete:
+            _check_complete(f, path)
+        return FeatureStore(path, f)
+    except InputError:
+        f.close()
+        raise
+    except Exception as err:  # noqa: BLE001 - KeyError, OSError, UnicodeDecodeError, ... from damaged metadata
+        f.close()
+        raise _damaged(path, err) from None
     except BaseException:
         f.close()
         raise
-    if require_complete and not store.complete:
-        store.close()
-        raise InputError(
-            f"feature store {path} is incomplete ({store.rows_done}/{len(store)} rows): rerun the same "
-            "extract command to finish it."
-        )
-    return store

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import InputError
-from data.records import ImageRecord, flickr_image_id, safe_relpath
+from data.records import ImageRecord, fits_int64, flickr_image_id, safe_relpath
 
 FORMATS = ("coco", "karpathy", "flickr8k")  # the keys of READERS, in this order
 
@@ -63,6 +63,11 @@ def parse_json(path: Path, content: bytes):
         raise InputError(
             f"Caption file {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})."
         ) from None
+    except RecursionError:
+        raise InputError(f"Caption file {path} is nested too deeply to be a caption file (JSON arrays or "
+                         "objects inside each other thousands of levels deep).") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise InputError(f"Caption file {path} is not usable JSON ({err}).") from None
 
 
 def clean_caption(caption) -> str | None:
@@ -122,6 +127,9 @@ def read_coco(path: Path, data: dict) -> FileRead:
         if not isinstance(iid, int) or isinstance(iid, bool):
             out.skipped.append((entry, "no integer 'id'"))
             continue
+        if not fits_int64(iid):
+            out.skipped.append((entry, f"image id {iid} does not fit in 64 bits"))
+            continue
         entry = f"{entry} (id {iid})"
         if iid in by_id:
             raise InputError(
@@ -166,6 +174,9 @@ def read_karpathy(path: Path, data: dict) -> FileRead:
             f"{filepath}/{filename}" if filepath and isinstance(filename, str) else filename, path, entry
         )
         cocoid = img.get("cocoid")
+        if isinstance(cocoid, int) and not fits_int64(cocoid):
+            out.skipped.append((entry, f"cocoid {cocoid} does not fit in 64 bits"))
+            continue
         iid = cocoid if isinstance(cocoid, int) and not isinstance(cocoid, bool) else flickr_image_id(rel)
         entry = f"{entry} (id {iid})"
         split = _own_split(img.get("split"), entry, out.skipped)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from data.errors import InputError
+
 
 @dataclass
 class PipelineConfig:
@@ -49,16 +51,19 @@ class PairSet:
         return PairSet(self.rows[:n], self.captions[:n], self.lengths[:n], dict(self.stats))
 
 
-def match_pairs(records, keys, ok, vocab) -> PairSet:
+def match_pairs(records, keys, ok, vocab, max_words: int | None = None) -> PairSet:
     """Join caption records (`ImageRecord`s) with store rows by relative image path.
 
     keys: list[str] the store's `/keys`; ok: bool [N]. Captions of images absent from the store are counted
     in stats["missing_image"] (their paths' first few in stats["missing_examples"]); those of rows with
-    ok=False in stats["bad_image"]. Returns the pairs in record order.
+    ok=False in stats["bad_image"]; captions of more than `max_words` tokens (None: no limit; `<S>`/`</S>`
+    not counted) in stats["too_long"] (the longest in stats["longest_skipped"]: tokens). Returns the pairs
+    in record order.
     """
     index = {k: i for i, k in enumerate(keys)}
     rows, caps = [], []
-    stats = {"images": 0, "captions": 0, "missing_image": 0, "bad_image": 0, "missing_examples": []}
+    stats = {"images": 0, "captions": 0, "missing_image": 0, "bad_image": 0, "missing_examples": [],
+             "too_long": 0, "longest_skipped": 0}
     for rec in records:
         stats["images"] += 1
         stats["captions"] += len(rec.captions)
@@ -72,8 +77,13 @@ def match_pairs(records, keys, ok, vocab) -> PairSet:
             stats["bad_image"] += len(rec.captions)
             continue
         for text in rec.captions:
+            ids = vocab.encode(text)
+            if max_words is not None and len(ids) - 2 > max_words:
+                stats["too_long"] += 1
+                stats["longest_skipped"] = max(stats["longest_skipped"], len(ids) - 2)
+                continue
             rows.append(row)
-            caps.append(np.asarray(vocab.encode(text), np.int32))
+            caps.append(np.asarray(ids, np.int32))
     stats["pairs"] = len(rows)
     lengths = np.array([len(c) for c in caps], np.int32)
     return PairSet(np.asarray(rows, np.int64), caps, lengths, stats)
@@ -135,10 +145,14 @@ def available_memory() -> int:
 
 
 class FeatureSource:
-    """Per-row features of the store: an in-memory array when it fits, else streamed from the h5 file."""
+    """Per-row features of the store: an in-memory array when it fits, else streamed from the h5 file.
+
+    Every read is checked by the store (chunk checksums, NaN/Inf: data.features), all rows at once when held
+    in memory, per batch when streamed. A streamed batch that fails keeps its InputError in `self.error`:
+    tf.data wraps exceptions raised inside its generator, so the caller re-raises this one."""
 
     def __init__(self, store, config: PipelineConfig, log=print):
-        self.store = store
+        self.store, self.error = store, None
         self.views = int(store.views)
         need = int(store.nbytes_in_memory())
         fits = need <= config.memory_fraction * available_memory()
@@ -155,7 +169,11 @@ class FeatureSource:
         if self.array is not None:
             return self.array[rows]
         uniq, inverse = np.unique(rows, return_inverse=True)
-        return np.asarray(self.store.read_features(uniq))[inverse]
+        try:
+            return np.asarray(self.store.read_features(uniq))[inverse]
+        except InputError as err:
+            self.error = err
+            raise
 
 
 def feature_stats(features: FeatureSource, rows: np.ndarray, chunk: int = 4096) -> tuple:

@@ -52,6 +52,12 @@ def safe_relpath(raw, source: Path, entry: str) -> str:
     return "/".join(parts)
 
 
+def fits_int64(value) -> bool:
+    """True for an int (not a bool) that fits the feature store's int64 /image_ids. Negative ids are kept
+    (they mean "unknown" downstream: `caption --json` writes them as -1 with the file name)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
 def flickr_image_id(filename: str) -> int:
     """A stable int id for a Flickr image file name.
 

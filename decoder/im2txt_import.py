@@ -28,6 +28,7 @@ from decoder.config import ModelConfig
 from decoder.model import build_decoder
 from decoder.modeldir import read_config, save_model_dir
 from extract.encoder import FEATURE_DIM, CNNSpec, build_encoder, encoder_and_spec, weights_fingerprint
+from extract.inputs import check_output_dir
 from extract.slim import SCOPE, CheckpointReader, assign_slim_weights, is_skippable
 
 IMAGE_EMBEDDING = "image_embedding/weights"
@@ -171,6 +172,7 @@ def import_im2txt(checkpoint, vocab_path, out_dir, cnn_weights: str | None = Non
     reader = CheckpointReader(checkpoint)
     vocab = Vocabulary.load(vocab_path)
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, "--out")
     with exclusive(out_dir, folder=True):
         check_out_dir(out_dir, reader.prefix)
         return _import(reader, vocab, vocab_path, out_dir, cnn_weights, image_size)

@@ -28,6 +28,7 @@ from decoder.config import ModelConfig
 from decoder.model import ShowAndTell, build_decoder
 from decoder.train.config import recipe_differences
 from extract.encoder import CNNSpec, build_encoder, check_fingerprint, weights_fingerprint
+from extract.inputs import check_output_dir
 from extract.preprocess import resize_size
 
 FORMAT_NAME = "showtell-model"
@@ -111,6 +112,16 @@ def prepare_run_dir(out, config: dict, identity: tuple[str, ...], overwrite: boo
     elif diffs:
         raise InputError(f"{option} {out} holds a different run (different configuration: "
                          f"{', '.join(diffs)}): use another {option}, or --overwrite to start it afresh.")
+
+
+def derived_run_dirs(source_dir, out) -> tuple[Path, Path]:
+    """(source, out) of a command that writes a new model dir from a trained one (finetune, train-scst):
+    InputError when --out is the source itself or cannot be written."""
+    source_dir, out = Path(source_dir), Path(out)
+    if out.resolve() == source_dir.resolve():
+        raise InputError(f"--out {out} is the trained model dir itself: give a new folder.")
+    check_output_dir(out, "--out")
+    return source_dir, out
 
 
 def start_run_dir(out_dir: Path, vocab: Vocabulary, config: dict) -> None:

@@ -3,10 +3,11 @@ TensorFlow start-up. Every command and package asks here; nothing else lists dev
 
 `accelerators()` is THE seam for GPU-only code paths: it returns the local GPUs, and tests replace it
 (`use_fake_gpus`) to run the multi-GPU / mixed-precision branches on the CPU's logical devices.
-`choose_strategy()`: MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy over several
-accelerators, OneDeviceStrategy on one, else the default strategy. Strategies are made once per device set
-and reused: a second MirroredStrategy in one process gets colliding collective keys (TF issue; it broke
-multi-GPU extract on an uneven batch), so `choose_strategy` always returns the first one made.
+`choose_strategy()`: MultiWorkerMirroredStrategy when TF_CONFIG is set (training; `local=True`, used by
+extract and inference, ignores it), MirroredStrategy over several accelerators, OneDeviceStrategy on one,
+else the default strategy. Strategies are made once per device set and reused: a second MirroredStrategy
+in one process gets colliding collective keys (TF issue; it broke multi-GPU extract on an uneven batch),
+so `choose_strategy` always returns the first one made.
 
 Module import is cheap: TensorFlow is imported inside the functions (keeps `cli.py --help` fast).
 """
@@ -102,10 +103,12 @@ def use_fake_gpus(devices: list):
         _FAKE = old
 
 
-def choose_strategy():
-    """THE tf.distribute strategy of this process (see the module docstring); the same object each call."""
+def choose_strategy(local: bool = False):
+    """THE tf.distribute strategy of this process (see the module docstring); the same object each call.
+    `local`: this machine's devices only, even under TF_CONFIG (extract and inference: no collective
+    with the other workers; extraction scales out by --shard)."""
     tf = quiet_tensorflow()
-    if os.environ.get("TF_CONFIG"):
+    if os.environ.get("TF_CONFIG") and not local:
         key = ("multi-worker",)
         make = tf.distribute.MultiWorkerMirroredStrategy
     else:

@@ -2,8 +2,13 @@
 
 Every check on arguments happens here, before any work: a missing or unreadable images root, a path that
 matches nothing, an output folder that does not exist or is not writable raise `InputError`.
+`check_output` / `check_output_dir` are THE writability checks of every command's outputs (extract and
+merge-features --out, caption --json, train-decoder --model-dir, finetune --out, evaluate --out-dir,
+--results, --metrics, --report): besides the permission bits, they write, fsync and delete a small probe
+file, so a read-only mount or a full disk is refused with one sentence before any work.
 """
 
+import contextlib
 import glob
 import os
 from dataclasses import dataclass
@@ -13,6 +18,7 @@ from data.captions import load_annotations
 from data.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+PROBE_BYTES = 1 << 16  # a write of this size must succeed in an output folder (a full disk fails it)
 
 
 @dataclass
@@ -46,18 +52,66 @@ def check_root(root) -> Path:
     return path
 
 
-def check_output(out) -> Path:
-    """An output path whose folder exists and is writable; InputError otherwise."""
+def probe_write(folder: Path) -> None:
+    """Write PROBE_BYTES to a temporary file in `folder`, fsync and delete it; OSError when the folder's
+    disk is read-only or full."""
+    probe = Path(folder) / f".showtell-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, bytes(PROBE_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """InputError unless files can be written in the existing folder `folder` (`what` names it)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {folder} is not writable.")
+    try:
+        probe_write(folder)
+    except OSError as err:
+        raise InputError(f"{what} {folder} cannot be written ({err.strerror or err}).") from None
+
+
+def _existing_ancestor(path: Path, what: str) -> Path:
+    """The nearest existing folder at or above `path` (the one a writer's mkdir happens in)."""
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{what} {path} cannot be created: {folder} is a file, not a folder.")
+            return folder
+    return Path(".")
+
+
+def check_output(out, create_folders: bool = False, what: str = "output") -> Path:
+    """An output file path whose folder is writable (and has room); InputError otherwise. create_folders:
+    the folder may be missing (the writer creates it), then its nearest existing ancestor is checked."""
     path = Path(out)
     if path.is_dir():
-        raise InputError(f"output {out} is a folder; give a file name like {Path(out) / 'features.h5'}.")
+        raise InputError(f"{what} {out} is a folder; give a file name like {Path(out) / 'features.h5'}.")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output folder {parent} does not exist (create it first).")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"output folder {parent} is not writable.")
+    if create_folders:
+        parent = _existing_ancestor(parent, what)
+    elif not parent.is_dir():
+        raise InputError(f"{what} folder {parent} does not exist (create it first).")
+    _writable_folder(parent, f"{what} folder")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        raise InputError(f"output file {out} exists but is not readable and writable.")
+        raise InputError(f"{what} file {out} exists but is not readable and writable.")
+    return path
+
+
+def check_output_dir(out, what: str) -> Path:
+    """An output folder (e.g. a model dir; created by the writer when missing) in which files can be
+    written; InputError naming `what` (e.g. "--model-dir") otherwise."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {out} is a file, not a folder.")
+    _writable_folder(_existing_ancestor(path, what), f"{what} {out}: folder")
     return path
 
 

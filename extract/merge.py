@@ -3,8 +3,10 @@
 Shard K holds rows i with i % N == K of the full row list, so merging interleaves them back: the result has
 the rows, keys and attrs of an unsharded run (its `run` identity is the unsharded one, so rerunning the
 unsharded command on it reports "already complete"). Refused: a missing, duplicate or incomplete shard, or
-shards of different runs (inputs, CNN fingerprint, size, dtype, views, seed). Written to a temporary name
-and renamed, so a killed merge leaves nothing half-written.
+shards of different runs (inputs, CNN fingerprint, size, dtype, views, seed; the extraction batch size may
+differ), or a shard that is damaged (data.features checks every chunk's checksum and refuses NaN/Inf).
+Written to a temporary name and renamed, so a killed merge leaves nothing half-written; --out is locked
+(`<out>.lock`, data.locks) while the merge runs.
 """
 
 import hashlib
@@ -18,6 +20,7 @@ import numpy as np
 from data.atomic import atomic_path
 from data.errors import InputError
 from data.features import create_store, open_store
+from data.locks import exclusive
 from extract.inputs import check_output
 from extract.preprocess import error_category
 
@@ -25,7 +28,7 @@ BLOCK_ROWS = 1024
 
 
 def _shared(run: dict) -> dict:
-    return {k: v for k, v in run.items() if k != "shard"}
+    return {k: v for k, v in run.items() if k not in ("shard", "batch_size")}
 
 
 def _open_shards(paths) -> list:
@@ -50,7 +53,7 @@ def _check_shards(stores) -> list:
     for store in stores[1:]:
         run = store.attrs["run"]
         if _shared(run) != _shared(first):
-            diff = sorted(k for k in set(run) | set(first) if k != "shard" and run.get(k) != first.get(k))
+            diff = sorted(k for k in set(_shared(run)) | set(_shared(first)) if run.get(k) != first.get(k))
             raise InputError(f"{store.path} is a shard of a different run than {stores[0].path} "
                              f"(differs in: {', '.join(diff)}).")
     by_shard = {}
@@ -82,13 +85,14 @@ def merge_shards(paths, out) -> str:
     out = check_output(out)
     if any(Path(p).resolve() == out.resolve() for p in paths):
         raise InputError(f"--out {out} is one of the shard files.")
-    stores = _open_shards(paths)
-    try:
-        stores = _check_shards(stores)
-        return _write(stores, out)
-    finally:
-        for store in stores:
-            store.close()
+    with exclusive(out, folder=False):
+        stores = _open_shards(paths)
+        try:
+            stores = _check_shards(stores)
+            return _write(stores, out)
+        finally:
+            for store in stores:
+                store.close()
 
 
 def _write(stores, out: Path) -> str:

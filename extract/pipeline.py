@@ -65,27 +65,34 @@ def make_dataset(files: list, keys: list[str], start: int, *, image_size: int, v
 
 
 def make_infer(model, strategy: tf.distribute.Strategy):
-    """float32 [B, S, S, 3] -> np.float32 [B, 2048]; splits the batch over the replicas of `strategy`."""
+    """float32 [B, S, S, 3] -> np.float32 [B, 2048]; splits the batch over the replicas of `strategy`.
 
-    @tf.function(reduce_retracing=True)
-    def step(x):
+    Every replica gets ceil(B / replicas) rows: the batch is padded with zero images whose rows are dropped
+    (the CNN runs in inference mode, so a row does not depend on the others). Never an empty per-replica
+    batch: TensorFlow's CPU (oneDNN) convolution returns a wrongly shaped result for one."""
+
+    def call(x):
         return tf.cast(model(x, training=False), tf.float32)
 
     replicas = strategy.num_replicas_in_sync
     if replicas == 1:
+        step = tf.function(call, reduce_retracing=True)
         return lambda x: step(x).numpy()
 
+    @tf.function(reduce_retracing=True)
+    def step(dist):  # one graph: every replica's CNN call and the gather
+        return strategy.gather(strategy.run(call, args=(dist,)), axis=0)
+
     def infer(x):
-        x = tf.convert_to_tensor(x)
-        bounds = np.linspace(0, int(x.shape[0]), replicas + 1).astype(int)
+        x = np.asarray(x, np.float32)
+        n, per = len(x), -(-len(x) // replicas)
+        padded = np.concatenate([x, np.zeros((per * replicas - n, *x.shape[1:]), np.float32)])
 
         def part(ctx):
             rid = ctx.replica_id_in_sync_group
-            return x[bounds[rid] : bounds[rid + 1]]
+            return tf.constant(padded[rid * per : (rid + 1) * per])
 
-        dist = strategy.experimental_distribute_values_from_function(part)
-        out = strategy.run(step, args=(dist,))
-        return strategy.gather(out, axis=0).numpy()
+        return step(strategy.experimental_distribute_values_from_function(part)).numpy()[:n]
 
     return infer
 
@@ -107,7 +114,7 @@ def inference_encoder(spec):
     spec = spec if isinstance(spec, CNNSpec) else CNNSpec.from_dict(spec)
     weights_path = spec.weights.removeprefix("slim:")
     mtime = os.path.getmtime(weights_path) if os.path.isfile(weights_path) else None
-    strategy, precision = choose_strategy(), default_precision()
+    strategy, precision = choose_strategy(local=True), default_precision()
     key = json.dumps([{**spec.to_dict(), "fingerprint": ""}, mtime, precision, id(strategy)], sort_keys=True)
     if key not in _BUILT:
         built = _build_new(spec, strategy, precision)

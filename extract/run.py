@@ -5,7 +5,14 @@ precision) is stored in the file. Rerunning the same command continues after `ro
 on the same file, or the same one on a machine with another compute precision (GPU: mixed_float16, CPU:
 float32), is refused, naming what differs. Rows are committed a batch at a time (see data/features.py), so a
 kill -9 loses at most the batch in flight; batches always start at multiples of --batch-size, so a resumed
-run computes exactly the same batches as an uninterrupted one (float32: identical bytes).
+run computes exactly the same batches as an uninterrupted one (float32: identical bytes). The batch size is
+part of the identity: resuming an incomplete store with another --batch-size is refused (the CNN's float
+results depend on the batch shape), while a complete store is reported complete whatever the batch size
+(or compute precision).
+
+The store is locked (`<store>.lock`, data.locks) for the whole run: a second extract on the same --out is
+refused while the first is alive. Rows whose features come out NaN/Inf (a float16 overflow) are recorded as
+failed ("non-finite: ..."), never stored as features.
 """
 
 import hashlib
@@ -23,6 +30,7 @@ from tqdm import tqdm
 from data.atomic import remove_stale_temps
 from data.errors import InputError, RunStopped
 from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
+from data.locks import exclusive
 from extract.devices import default_precision
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
 from extract.inputs import Rows, check_output, gather_rows
@@ -101,7 +109,8 @@ def run_identity(cfg: ExtractConfig, rows: Rows, spec: CNNSpec, shard: int, num_
     compute precision on this machine (mixed_float16 with accelerators, else float32)."""
     return {"inputs": inputs_digest(rows.keys, rows.image_ids), "total_rows": len(rows), "shard": shard,
             "num_shards": num_shards, "dtype": cfg.dtype, "views": cfg.views, "seed": cfg.seed,
-            "precision": default_precision(), "cnn": {k: v for k, v in spec.to_dict().items()}}
+            "precision": default_precision(), "batch_size": cfg.batch_size,
+            "cnn": {k: v for k, v in spec.to_dict().items()}}
 
 
 def run_id(identity: dict) -> str:
@@ -109,11 +118,14 @@ def run_id(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def _differences(old: dict, new: dict, complete: bool = False) -> list[str]:
     names = {"inputs": "images (the list of rows)", "total_rows": "number of images", "shard": "--shard",
              "num_shards": "--num-shards", "dtype": "--dtype", "views": "--views", "seed": "--seed"}
-    out = [names.get(k, k) for k in new if k not in ("cnn", "precision") and old.get(k) != new[k]]
-    if old.get("precision", new.get("precision")) != new.get("precision"):  # absent: not recorded yet
+    special = ("cnn", "precision", "batch_size")
+    out = [names.get(k, k) for k in new if k not in special and old.get(k) != new[k]]
+    if not complete and old.get("batch_size", new["batch_size"]) != new["batch_size"]:  # absent: older store
+        out.append(f"--batch-size (resume with --batch-size {old['batch_size']}, the one it started with)")
+    if not complete and old.get("precision", new.get("precision")) != new.get("precision"):  # absent: older
         out.append(f"compute precision ({old['precision']} in the file, {new['precision']} on this machine)")
     old_cnn, new_cnn = old.get("cnn", {}), new["cnn"]
     for k in new_cnn:
@@ -122,18 +134,20 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def _check_same_run(path: Path, old: dict, new: dict) -> None:
-    diff = _differences(old, new)
+def _check_same_run(path: Path, old: dict, new: dict, complete: bool) -> None:
+    diff = _differences(old, new, complete)
     if diff:
         raise InputError(f"{path} was written by a different extract command (differs in: {', '.join(diff)});"
                          " use another --out or delete the file.")
 
 
 def _existing_run(path: Path) -> tuple[dict | None, bool]:
-    """(run identity, complete) of an existing store at `path`; (None, False) when there is none."""
+    """(run identity, complete) of an existing store at `path`; (None, False) when there is none. The
+    checksums of the rows a killed run was writing are resealed first (data.features.StoreWriter)."""
     if not path.exists():
         return None, False
     try:
+        StoreWriter(path).close()
         with open_store(path, require_complete=False) as store:
             return dict(store.attrs.get("run") or {}), store.complete
     except InputError as err:
@@ -175,10 +189,12 @@ def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNS
             ok = ok.numpy()
             n = len(ok)
             x = images.numpy().reshape((-1,) + tuple(images.shape[-3:]))
-            feats = infer(x).reshape((n, cfg.views, -1) if cfg.views > 1 else (n, -1))
+            feats = infer(x).reshape((n, cfg.views, -1) if cfg.views > 1 else (n, -1)).astype(cfg.dtype)
+            errors = [e.decode("utf-8", "replace") for e in errors.numpy()]
+            ok = _drop_nonfinite(feats, ok, errors)
             feats[~ok] = 0.0
             try:
-                writer.commit(row, feats, ok, [e.decode("utf-8", "replace") for e in errors.numpy()])
+                writer.commit(row, feats, ok, errors)
             except OSError as err:
                 raise RunStopped(f"writing {writer.path} failed at row {row} ({err}); {row} rows are saved, "
                                  "free some space and rerun the same command to resume.") from None
@@ -191,11 +207,27 @@ def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNS
     return row - start
 
 
-def run_extract(cfg: ExtractConfig) -> ExtractResult:
-    """Extract features for every row into `cfg.out` (resuming a run of the same command)."""
+def _drop_nonfinite(feats: np.ndarray, ok: np.ndarray, errors: list[str]) -> np.ndarray:
+    """ok bool [n] with the rows whose features (in the stored dtype) hold NaN/Inf marked failed."""
+    bad = ok & ~np.isfinite(feats.reshape(len(ok), -1)).all(axis=1)
+    for i in np.nonzero(bad)[0]:
+        errors[i] = f"non-finite: the CNN gave NaN/Inf features (in {feats.dtype})"
+    return ok & ~bad
+
+
+def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
+    """Extract features for every row into `cfg.out` (resuming a run of the same command), with the store
+    locked for the whole run. `log` gets the captions-file load summary (skipped entries)."""
     _check_config(cfg)
     out = check_output(cfg.out)
+    with exclusive(out, folder=False):
+        return _run(cfg, out, log)
+
+
+def _run(cfg: ExtractConfig, out: Path, log) -> ExtractResult:
     rows_all = gather_rows(cfg.paths, cfg.images, cfg.captions, cfg.caption_format, cfg.split_scheme)
+    if cfg.captions:
+        log(rows_all.source)
     rows = rows_all.shard(cfg.shard, cfg.num_shards) if cfg.num_shards > 1 else rows_all
     if not len(rows):
         raise InputError(f"shard {cfg.shard} of {cfg.num_shards} has no images ({len(rows_all)} in all).")
@@ -204,13 +236,13 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     identity = run_identity(cfg, rows_all, spec, cfg.shard, cfg.num_shards)
     old, complete = _existing_run(out)
     if old is not None:
-        _check_same_run(out, old, identity)
+        _check_same_run(out, old, identity, complete)
     remove_stale_temps(out)
     infer, spec = inference_encoder(spec)
     identity["cnn"] = spec.to_dict()
     t0 = time.perf_counter()
     if old is not None:
-        _check_same_run(out, old, identity)
+        _check_same_run(out, old, identity, complete)
         if complete:
             with open_store(out) as store:
                 failed = _failed(store.errors, store.ok)

@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 HEADLINES = {
     "beam.py": r"speed-up batched / per-image: (\S+)x \(target >= 10x\)",
     "extract.py": r"extract / ceiling: (\S+) \(target >= 0\.90\)",
+    "export.py": r"exported / caption \(worse of batch 1 and \d+\): (\S+) \(target >= 0\.90\)",
+    "scst.py": r"headline: reward share of the SCST step (\S+) \(target <= 0\.15\)",
     "train_decoder.py": r"headline: training from the feature cache is (\S+)x faster than the im2txt-style "
                         r"step \(median of \d+ back-to-back pairs\)",
 }
@@ -43,3 +45,12 @@ def test_bench_smoke(name):
     assert match, f"last line of bench/{name} is not its headline: {lines[-1]!r}"
     ratio = float(match.group(1))
     assert math.isfinite(ratio) and ratio > 0, lines[-1]
+
+
+def test_every_benchmark_is_smoke_tested():
+    """A bench/*.py with a --smoke option is in HEADLINES (so a new benchmark cannot rot unseen); the
+    others are helper modules without a main()."""
+    for path in sorted((REPO / "bench").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if "--smoke" in text or "def main(" in text:
+            assert path.name in HEADLINES, f"bench/{path.name} is not smoke-tested in tests/test_bench.py"

@@ -113,5 +113,5 @@ def test_exit_codes_and_bad_arguments(setup, tmp_path):
     code, out, _ = caption("--model-dir", model_dir, "--features", store, "--keys", "missing.jpg")
     assert code == 2 and "missing.jpg" in out
     code, out, _ = caption("--model-dir", model_dir, "--features", store, "--beam-size", 0)
-    assert code == 2 and "beam_size" in out
+    assert code == 2 and "--beam-size" in out
     assert caption("--model-dir", model_dir, images / "nothing-*.png")[0] == 2

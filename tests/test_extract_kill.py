@@ -59,3 +59,5 @@ def test_kill9_mid_run_then_rerun_equals_uninterrupted_run(tmp_path, repo_root):
         assert a.keys == b.keys and a.ok.all() and b.ok.all()
         assert a.read_features().tobytes() == b.read_features().tobytes()
         assert a.attrs["run"] == b.attrs["run"] and a.attrs["n_failed"] == 0
+    with h5py.File(out, "r") as f:  # the resumed store carries (valid) chunk checksums
+        assert all(f[name].fletcher32 for name in ("features", "ok", "errors"))

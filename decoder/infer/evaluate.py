@@ -37,7 +37,7 @@ from evaluation.metrics import (
     write_results_json,
 )
 from evaluation.report import write_report
-from extract.inputs import check_root, resolve_image
+from extract.inputs import check_output, check_root, resolve_image
 
 
 @dataclass
@@ -127,6 +127,11 @@ def _check(cfg: EvalConfig) -> None:
             raise InputError(f"output {path} is a folder; give a file name.")
     if cfg.report and Path(cfg.report).is_dir():
         raise InputError(f"--report {cfg.report} is a folder; give a file name like report.html.")
+    results, metrics = cfg.paths()  # every output writable (a probe write) before any work
+    check_output(results, create_folders=True, what="--results" if cfg.results else "--out-dir")
+    check_output(metrics, create_folders=True, what="--metrics" if cfg.metrics else "--out-dir")
+    if cfg.report:
+        check_output(cfg.report, create_folders=True, what="--report")
 
 
 def split_records(cfg: EvalConfig) -> list[ImageRecord]:

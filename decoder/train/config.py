@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from data.errors import InputError
 from decoder.config import config_from_dict
+from extract.devices import default_precision
 
 
 @dataclass
@@ -42,6 +43,12 @@ class TrainConfig:
         if self.learning_rate is not None:
             return float(self.learning_rate)
         return 2.0 if self.optimizer == "sgd" else 0.001
+
+    def resolve_precision(self) -> TrainConfig:
+        """Turn precision "auto" into mixed_float16 with accelerators, else float32; returns self."""
+        if self.precision == "auto":
+            self.precision = default_precision()
+        return self
 
     def validate(self) -> None:
         """InputError (one sentence) on an impossible setting (the cli checks the same ranges first)."""
@@ -75,9 +82,12 @@ RESUMABLE_CHANGES = frozenset({"epochs", "steps", "eval_every", "checkpoint_ever
                                "val_batch_size", "max_val_pairs"})
 
 
+RETIRED = frozenset({"jit_compile", "bucket_width"})  # fields of older versions, ignored when resuming
+
+
 def recipe_differences(saved: dict, current: dict) -> list[str]:
     """Names of the TrainConfig fields (as dicts) that differ and matter for resuming."""
-    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES - RETIRED
     return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 

@@ -28,6 +28,7 @@ from decoder.modeldir import (
     CNN_WEIGHTS,
     DECODER_WEIGHTS,
     cnn_spec,
+    derived_run_dirs,
     load_cnn,
     load_model_dir,
     make_config,
@@ -41,8 +42,8 @@ from decoder.train.distribute import worker_dir
 from decoder.train.image_batches import BadImages, ImageBatches, image_pairs
 from decoder.train.loop import TrainResult, train_loop
 from decoder.train.step import Trainable
-from extract.devices import choose_strategy, default_precision
-from extract.encoder import MIN_IMAGE_SIZE, weights_fingerprint
+from extract.devices import choose_strategy
+from extract.encoder import FEATURE_DIM, MIN_IMAGE_SIZE, weights_fingerprint
 from extract.inputs import check_root
 
 COMMAND = "finetune"
@@ -60,6 +61,7 @@ class FinetuneConfig:
     trainable_blocks: int | None = None  # train only the top N of the 11 mixed blocks; None: the whole CNN
     image_size: int | None = None  # CNN input size; None: the model dir's CNN image size
     decode_threads: int = 8  # threads decoding each batch's image files (PIL releases the GIL)
+    max_caption_length: int | None = 100  # captions of more tokens are skipped and counted (None: no limit)
     extra: dict = field(default_factory=dict)  # free-form notes recorded in config.json
 
     def to_dict(self) -> dict:
@@ -88,8 +90,11 @@ class FinetuneTrainable(Trainable):
         self.cnn, self.decoder = cnn, decoder
 
     def features(self, images):
-        """float32 [b, S, S, 3] in [-1, 1] -> float32 [b, 2048]."""
-        return tf.cast(self.cnn(images, training=False), tf.float32)
+        """float32 [b, S, S, 3] in [-1, 1] -> float32 [b, 2048]. b may be 0 (a replica's share of a last
+        batch smaller than the number of replicas): then the CNN is not called, since TensorFlow's CPU
+        (oneDNN) convolution returns a wrongly shaped result for an empty batch."""
+        return tf.cond(tf.shape(images)[0] > 0, lambda: tf.cast(self.cnn(images, training=False), tf.float32),
+                       lambda: tf.zeros([0, FEATURE_DIM], tf.float32))
 
     def loss_sums(self, batch, training, seed):
         return self.decoder.loss_sums(self.features(batch["images"]), batch["input_seqs"],
@@ -104,15 +109,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _split_pairs(annotations, split: str, roots, vocab, log):
+def _split_pairs(annotations, split: str, roots, vocab, log, max_words: int | None = None):
     records = annotations.part(split)
     if not records:
         raise InputError(f"The {split} split of the caption file(s) is empty: check --split-scheme.")
-    pairs, files = image_pairs(records, roots, vocab)
+    pairs, files = image_pairs(records, roots, vocab, max_words)
     s = pairs.stats
     log(f"{split}: {s['pairs']} (image, caption) pairs from {s['images']} images; skipped "
         f"{s['missing_image']} captions whose image is under no --images root"
-        + (f" (e.g. {s['missing_examples'][0]})" if s["missing_examples"] else ""))
+        + (f" (e.g. {s['missing_examples'][0]})" if s["missing_examples"] else "")
+        + (f", {s['too_long']} longer than --max-caption-length {max_words} (longest: "
+           f"{s['longest_skipped']} tokens)" if s["too_long"] else ""))
     if not len(pairs):
         raise InputError(f"No image of the {split} split was found under the --images root(s).")
     return pairs, files
@@ -137,13 +144,9 @@ def finetune(cfg: FinetuneConfig, out, train: TrainConfig, overwrite: bool = Fal
     """Fine-tune the CNN and decoder of `cfg.model_dir` into the new model dir `out` (resuming there).
 
     train.precision "auto": mixed_float16 on GPUs, else float32. `out` is locked for the whole run."""
-    if train.precision == "auto":
-        train.precision = default_precision()
-    train.validate()
+    train.resolve_precision().validate()
+    source_dir, out = derived_run_dirs(cfg.model_dir, out)
     strategy = strategy or choose_strategy()
-    source_dir, out = Path(cfg.model_dir), Path(out)
-    if out.resolve() == source_dir.resolve():
-        raise InputError(f"--out {out} is the trained model dir itself: give a new folder.")
     with exclusive(worker_dir(out, strategy), folder=True):
         return _finetune(cfg, source_dir, out, train, overwrite, strategy, log, progress)
 
@@ -155,8 +158,8 @@ def _finetune(cfg, source_dir: Path, out: Path, train, overwrite, strategy, log,
     annotations = load_annotations(cfg.captions, fmt=cfg.caption_format, split_scheme=cfg.split_scheme)
     log(f"captions: {annotations.summary()}")
     vocab, model_config = loaded.vocab, ModelConfig.from_dict(loaded.config["model"])
-    train_pairs, train_files = _split_pairs(annotations, "train", roots, vocab, log)
-    val_pairs, val_files = _split_pairs(annotations, "val", roots, vocab, log)
+    train_pairs, train_files = _split_pairs(annotations, "train", roots, vocab, log, cfg.max_caption_length)
+    val_pairs, val_files = _split_pairs(annotations, "val", roots, vocab, log, cfg.max_caption_length)
     identity = {"source": str(source_dir.resolve()), "source_cnn_fingerprint": loaded.cnn.get("fingerprint"),
                 "source_decoder_sha256": _sha256(source_dir / DECODER_WEIGHTS),
                 "trainable_blocks": cfg.trainable_blocks, "image_size": image_size}

@@ -40,11 +40,11 @@ def resolve_files(records, roots: list[Path]) -> tuple[list[str], list[str]]:
     return keys, files
 
 
-def image_pairs(records, roots: list[Path], vocab) -> tuple[PairSet, list[str]]:
+def image_pairs(records, roots: list[Path], vocab, max_words: int | None = None) -> tuple[PairSet, list[str]]:
     """(pairs, files): pairs.rows index `files` (image paths); stats as data.pipeline.match_pairs
-    ("missing_image": captions whose image is under no root)."""
+    ("missing_image": captions whose image is under no root; "too_long": captions of > max_words tokens)."""
     keys, files = resolve_files(records, roots)
-    return match_pairs(records, keys, np.ones(len(keys), bool), vocab), files
+    return match_pairs(records, keys, np.ones(len(keys), bool), vocab, max_words=max_words), files
 
 
 class BadImages:

@@ -11,7 +11,9 @@ checkpoints and exact resume, the metrics log, and the rules below.
 - A run that finds its work done (resumed at its last step) says so and changes nothing.
 - A non-finite gradient is never applied. In float32 one such step stops the run; under mixed_float16 it is a
   skipped step (the loss scale halves) and only MAX_SKIPPED_IN_A_ROW of them in a row stop it. A stopped run
-  writes the last good checkpoint's weights as the model and raises RunStopped (exit status 1).
+  writes the last good checkpoint's weights as the model and raises RunStopped (exit status 1). Weights that
+  became non-finite (checked before each checkpoint) and a non-finite validation score (e.g. perplexity inf
+  from exploded but finite weights) stop it the same way; stopped before any checkpoint, nothing is written.
 - Keras' global dtype policy is restored when the loop ends, whatever happens.
 """
 
@@ -106,10 +108,12 @@ def train_loop(build_trainable: Callable[[], Trainable], source, val_source, con
         run = _Run(build_trainable, source, config, model_dir, strategy, log, progress)
         run.validate = validate or perplexity_validator(val_source, config)
         result = run.train()
-        if finish is not None:
+        if finish is not None and not (run.stopped and run.kept is None):
             finish(run.trainable, run.out_dir, result)
     if run.stopped:
-        raise RunStopped(run.stopped)
+        kept = (f"The model files hold the last good checkpoint (step {run.kept})" if run.kept is not None
+                else "No checkpoint had been saved yet, so no model files were written")
+        raise RunStopped(f"{run.stopped} {kept}; lower --learning-rate or check the input features.")
     if result.already_done:
         log(f"nothing to do: {run.out_dir} already holds this run's {result.step} steps (raise --steps or "
             "--epochs to train further); the model files were rewritten from its last checkpoint")
@@ -138,6 +142,7 @@ class _Run:
         self.manager = CheckpointManager(self.out_dir / "checkpoints", config.keep_checkpoints, log=log)
         self.book = Logbook(self.out_dir, enabled=True)
         self.progress, self.stopped, self.skipped = progress and self.chief, "", 0
+        self.kept = None  # step of the checkpoint restored after a stop (None: there was none)
 
     def restore(self) -> dict:
         meta = self.manager.restore_latest(self.trainable.objects, self.step_fn.slots()) or {}
@@ -156,7 +161,8 @@ class _Run:
             return self._result(step, last, best, resumed_from, already_done=True)
         if step:
             self.log(f"resuming from checkpoint at step {step} (epoch {epoch}, batch {pos})")
-        self.log(f"training {self.total} steps ({self.spe} steps per epoch, {len(self.source.pairs)} pairs, "
+        unit = getattr(self.source, "unit", "pairs")
+        self.log(f"training {self.total} steps ({self.spe} steps per epoch, {len(self.source.pairs)} {unit}, "
                  f"batch {self.config.batch_size}, {self.strategy.num_replicas_in_sync} replica(s), "
                  f"{self.config.optimizer}, {self.config.precision})")
         step, best, last = self._steps(step, epoch, pos, best, last)
@@ -196,13 +202,18 @@ class _Run:
             mean = run_loss / max(run_n, 1)
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.3g}", caps_s=f"{rate:.0f}",
-                            **{k[4:]: f"{v:.3f}" for k, v in last["val"].items() if k != "val_words"},
+                            **{k: f"{v:.3f}" for k, v in self.trainable.live_metrics().items()},
+                            **{k[4:]: f"{v:.3f}" for k, v in last["val"].items()
+                               if k.startswith("val_") and k != "val_words"},
                             refresh=False)
             evaluate_now = (epoch_end or step >= self.total
                             or (config.eval_every and step % config.eval_every == 0))
             is_best = False
             if evaluate_now:
                 metrics, score = self.validate(self.trainable)
+                if not math.isfinite(score):  # e.g. perplexity inf: finite but exploded weights
+                    self.stopped = f"training stopped at step {step}: the validation score became {score}."
+                    break
                 is_best, best = score < best, min(best, score)
                 last = {"val": metrics, "loss": mean}
                 self.book.write(step, step / self.spe, "eval", {
@@ -219,6 +230,7 @@ class _Run:
         self.book.close()
         if self.stopped:
             meta = self.restore()
+            self.kept = meta.get("step")
             step, last = meta.get("step", 0), {"val": meta.get("val_metrics", {}), "loss": float("nan")}
         return step, best, last
 
@@ -229,15 +241,13 @@ class _Run:
             return False
         why = (f"{in_a_row} steps in a row overflowed float16" if fp16 else
                f"the loss became {loss}" if not math.isfinite(loss) else "a gradient became non-finite")
-        self.stopped = (f"training stopped at step {step + 1}: {why}. The model files hold the last good "
-                        f"checkpoint; lower --learning-rate or check the input features.")
+        self.stopped = f"training stopped at step {step + 1}: {why}."
         return True
 
     def _checkpoint(self, meta: dict, is_best: bool) -> bool:
         """Save a checkpoint; False (and self.stopped set) when the weights are no longer finite."""
         if not weights_finite(self.trainable):  # never let a checkpoint hold NaN weights
-            self.stopped = (f"training stopped at step {meta['step']}: the weights became non-finite. The "
-                            "model files hold the last good checkpoint; lower --learning-rate.")
+            self.stopped = f"training stopped at step {meta['step']}: the weights became non-finite."
             return False
         self.manager.save(self.trainable.objects, self.step_fn.slots(), meta, best=is_best)
         return True

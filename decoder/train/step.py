@@ -37,6 +37,10 @@ class Trainable:
         """(sum of the per-word loss over real words float32 [], number of real words float32 [])."""
         raise NotImplementedError
 
+    def live_metrics(self) -> dict:
+        """{name: float} the progress bar shows after each step (e.g. SCST's mean reward); {} by default."""
+        return {}
+
     def eval_sums(self, batch: dict, spec: dict):
         """loss_sums without dropout, traced once for batches of `spec`."""
         if self._eval is None:
@@ -67,7 +71,10 @@ def perplexity(trainable: Trainable, source, batch_size: int, max_pairs: int | N
     for batch in source.generator(eval_plan(lengths, batch_size), 0, 0, [0], 1, sample_views=False):
         s, n = trainable.eval_sums(batch, spec)
         total, words = total + float(s), words + float(n)
-    return (math.exp(total / words) if words else float("nan")), words
+    if not words:
+        return float("nan"), words
+    mean = total / words
+    return (math.exp(mean) if mean < 709.0 else float("inf")), words  # exp overflows a float beyond ~709.78
 
 
 class TrainStep:

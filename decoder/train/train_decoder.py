@@ -32,6 +32,7 @@ from decoder.train.distribute import worker_dir
 from decoder.train.loop import TrainResult, train_loop
 from decoder.train.step import DecoderTrainable
 from extract.devices import choose_strategy
+from extract.inputs import check_output_dir
 
 COMMAND = "train-decoder"
 
@@ -46,6 +47,7 @@ class DataConfig:
     split_scheme: str = "auto"  # how images are split into train/val/test (data.splits.SPLIT_SCHEMES)
     vocab: str | None = None  # an existing word_counts.txt; None: built from the training captions
     min_word_count: int = 4  # words seen fewer times in training captions map to <UNK> (when building)
+    max_caption_length: int | None = 100  # captions of more tokens are skipped and counted (None: no limit)
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field."""
@@ -53,25 +55,34 @@ class DataConfig:
 
 
 def _load_vocab(data: DataConfig, model_dir: Path, train_records, overwrite: bool, log) -> Vocabulary:
-    if data.vocab:
-        return Vocabulary.load(data.vocab)
     saved = read_config(model_dir) if (model_dir / CONFIG_FILE).exists() else None
-    if not overwrite and saved is not None and (model_dir / VOCAB_FILE).exists():
-        return check_vocab(model_dir, saved)  # resuming: the run's own vocabulary, unchanged
+    resuming = not overwrite and saved is not None and (model_dir / VOCAB_FILE).exists()
+    own = check_vocab(model_dir, saved) if resuming else None  # resuming: the run's own, unchanged
+    if data.vocab:
+        vocab = Vocabulary.load(data.vocab)
+        if own is not None and vocab.words != own.words:
+            raise InputError(f"--vocab {data.vocab} is not the vocabulary the run in {model_dir} started "
+                             f"with ({model_dir / VOCAB_FILE}): give that file, or --overwrite to start "
+                             "afresh.")
+        return vocab
+    if own is not None:
+        return own
     vocab = Vocabulary.build((c for r in train_records for c in r.captions), min_count=data.min_word_count)
     log(f"vocabulary: {len(vocab)} words (min count {data.min_word_count}) from the training captions")
     return vocab
 
 
-def _pairs(records, store, vocab, split: str, log):
+def _pairs(records, store, vocab, split: str, log, max_words: int | None = None):
     if not records:
         raise InputError(f"The {split} split of the caption file(s) is empty: check --split-scheme.")
-    pairs = match_pairs(records, store.keys, store.ok, vocab)
+    pairs = match_pairs(records, store.keys, store.ok, vocab, max_words=max_words)
     s = pairs.stats
     log(f"{split}: {s['pairs']} (image, caption) pairs from {s['images']} images; skipped "
         f"{s['missing_image']} captions whose image is not in the store"
         + (f" (e.g. {s['missing_examples'][0]})" if s["missing_examples"] else "")
-        + f", {s['bad_image']} whose image failed extraction (/ok false)")
+        + f", {s['bad_image']} whose image failed extraction (/ok false)"
+        + (f", {s['too_long']} longer than --max-caption-length {max_words} (longest: "
+           f"{s['longest_skipped']} tokens)" if s["too_long"] else ""))
     if not len(pairs):
         raise InputError(f"No caption of the {split} split has an image in {store.path}: the store was "
                          "extracted from other images.")
@@ -83,8 +94,10 @@ def train_decoder(data: DataConfig, model_dir, train: TrainConfig, embedding_siz
                   overwrite: bool = False, strategy=None, log=print, progress: bool = True) -> TrainResult:
     """Train the decoder from cached features into `model_dir` (resuming when it holds a checkpoint).
 
-    The model dir (this process's worker dir) is locked for the whole run."""
+    The model dir (this process's worker dir) is locked for the whole run; it must be writable (checked
+    first, with a probe write: a read-only or full disk is refused before any work)."""
     train.validate()
+    check_output_dir(model_dir, "--model-dir")
     strategy = strategy or choose_strategy()
     model_dir = Path(model_dir)
     with exclusive(worker_dir(model_dir, strategy), folder=True), open_store(data.features) as store:
@@ -119,8 +132,8 @@ def _train(data, model_dir: Path, train, shape: ModelShape, pipeline, store, ove
     config = make_config(model_config, vocab, store.cnn, COMMAND, {
         "train": train.to_dict(), "data": data.to_dict(), "pipeline": pipeline.to_dict()})
     prepare_run_dir(model_dir, config, ("model", "cnn"), overwrite, "--model-dir")
-    train_pairs = _pairs(train_records, store, vocab, "train", log)
-    val_pairs = _pairs(val_records, store, vocab, "val", log)
+    train_pairs = _pairs(train_records, store, vocab, "train", log, data.max_caption_length)
+    val_pairs = _pairs(val_records, store, vocab, "val", log, data.max_caption_length)
     start_run_dir(worker_dir(model_dir, strategy), vocab, config)
     features = FeatureSource(store, pipeline, log=log)
     source = PairBatches(train_pairs, features, train.batch_size, train.seed, pipeline)
@@ -145,5 +158,10 @@ def _train(data, model_dir: Path, train, shape: ModelShape, pipeline, store, ove
             model.set_feature_stats(*stats)
         return DecoderTrainable(model)
 
-    return train_loop(build, source, val_source, train, model_dir, strategy=strategy, log=log, finish=finish,
-                      progress=progress)
+    try:
+        return train_loop(build, source, val_source, train, model_dir, strategy=strategy, log=log,
+                          finish=finish, progress=progress)
+    except Exception:
+        if features.error is not None:  # a streamed batch failed its integrity check inside tf.data
+            raise features.error from None
+        raise
