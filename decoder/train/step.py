@@ -114,11 +114,11 @@ class TrainStep:
             inv = 1.0 / self.loss_scale
             grads = [tf.IndexedSlices(g.values * inv, g.indices, g.dense_shape)
                      if isinstance(g, tf.IndexedSlices) else g * inv for g in grads]
-        # A non-finite gradient is never applied (float16 overflow: skipped and the scale halves; float32:
-        # the loop sees the non-finite loss and stops the run).
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(
-            g.values if isinstance(g, tf.IndexedSlices) else g)) for g in grads if g is not None])
+        # A gradient whose global norm is not finite (a NaN/Inf in it, or values so large that their squares
+        # overflow) is never applied: float16 overflow skips the step and halves the scale; in float32 the
+        # loop sees the skipped step and stops the run. The norm is needed for clipping anyway: no extra pass.
         norm = tf.linalg.global_norm(grads)
+        finite = tf.math.is_finite(norm)
         scale = tf.constant(1.0)
         if self.config.clip_gradients > 0:  # global-norm clip, folded into the update as a scalar
             scale = self.config.clip_gradients / tf.maximum(norm, self.config.clip_gradients)
