@@ -67,8 +67,8 @@ class _Group(click.Group):
 def main():
     """showtell: train a Show and Tell (im2txt) image captioner from cached InceptionV3 features.
 
-    Pipeline: extract -> train-decoder -> (finetune) -> caption / evaluate. `demo` runs it all on a
-    generated sample in a few minutes on a CPU.
+    Pipeline: extract -> train-decoder -> (finetune, train-scst) -> caption / evaluate / export. `demo`
+    runs it all on a generated sample in a few minutes on a CPU.
     """
 
 
