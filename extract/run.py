@@ -30,6 +30,7 @@ from tqdm import tqdm
 from data.atomic import remove_stale_temps
 from data.errors import InputError, RunStopped
 from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
+from data.integrity import nonfinite_rows
 from data.locks import exclusive
 from extract.devices import default_precision
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
@@ -209,7 +210,9 @@ def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNS
 
 def _drop_nonfinite(feats: np.ndarray, ok: np.ndarray, errors: list[str]) -> np.ndarray:
     """ok bool [n] with the rows whose features (in the stored dtype) hold NaN/Inf marked failed."""
-    bad = ok & ~np.isfinite(feats.reshape(len(ok), -1)).all(axis=1)
+    bad = np.zeros(len(ok), bool)
+    bad[nonfinite_rows(feats)] = True
+    bad &= ok
     for i in np.nonzero(bad)[0]:
         errors[i] = f"non-finite: the CNN gave NaN/Inf features (in {feats.dtype})"
     return ok & ~bad

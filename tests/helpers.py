@@ -2,6 +2,8 @@
 
 `make_dataset(dir)` writes a feature store (through data.features' writer) whose D-d rows encode one of a
 few scene classes, and a COCO caption file (with per-image "split") whose captions name the class.
+`coco_ramp_images` + `tiny_caption_model` make real images, their extracted store and a tiny captioning model
+dir (caption and export tests).
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from PIL import Image
 
-from data.features import create_store
+from data.features import create_store, open_store
+from data.vocab import Vocabulary
+from decoder.config import ModelConfig
+from decoder.model import build_decoder
+from decoder.modeldir import save_model_dir
+from extract.run import ExtractConfig, run_extract
 
 COLOURS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "triangle"]
@@ -89,3 +97,32 @@ def h5_datasets(path) -> dict:
         f.visititems(lambda name, obj: out.setdefault(name, obj[()])
                      if isinstance(obj, h5py.Dataset) else None)
     return out
+
+
+def coco_ramp_images(folder: Path, ids) -> list[Path]:
+    """One COCO-named JPEG per id in `folder` (noise plus a red, green or blue ramp, widths 80 + 8i)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, image_id in enumerate(ids):
+        pixels = rng.random((90, 80 + 8 * i, 3)) * 60
+        pixels[:, :, i % 3] += np.linspace(0, 190, pixels.shape[1])
+        paths.append(folder / f"COCO_val2014_{image_id:012d}.jpg")
+        Image.fromarray(pixels.astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def tiny_caption_model(root: Path, images: Path) -> tuple[Path, Path]:
+    """(store, model dir): `images` extracted to a float32 store (75 px, random CNN), and a 12/12 decoder with
+    that CNN block whose image projection is scaled so each image gets its own captions (a random CNN's
+    features are ~1e-4)."""
+    store = root / "features.h5"
+    run_extract(ExtractConfig(out=str(store), paths=[str(images)], cnn_weights="none", image_size=75,
+                              dtype="float32", batch_size=2, progress=False))
+    with open_store(store) as s:
+        cnn = s.cnn
+    vocab = Vocabulary.build(["a red square on a field", "two blue circles", "a green dog runs"], min_count=1)
+    config = ModelConfig(vocab_size=len(vocab), embedding_size=12, lstm_units=12, init_scale=1.0)
+    decoder = build_decoder(config, seed=3)
+    kernel = decoder.image_embedding.kernel
+    kernel.assign(np.random.default_rng(1).normal(size=kernel.shape).astype(np.float32) * 300)
+    return store, save_model_dir(root / "model", decoder, config, vocab, cnn=cnn)

@@ -3,10 +3,9 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from helpers import coco_ramp_images, tiny_caption_model
 
 from cli import main
 
@@ -16,34 +15,12 @@ IDS = [42, 7, 123456]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """3 COCO-named images + 1 broken one, a float32 store from extract (75 px, random CNN), a model dir."""
-    from data.features import open_store
-    from data.vocab import Vocabulary
-    from decoder.config import ModelConfig
-    from decoder.model import build_decoder
-    from decoder.modeldir import save_model_dir
-    from extract.run import ExtractConfig, run_extract
-
     root = tmp_path_factory.mktemp("caption")
     images = root / "images"
     images.mkdir()
-    rng = np.random.default_rng(0)
-    for i, image_id in enumerate(IDS):
-        pixels = rng.random((90, 80 + 8 * i, 3)) * 60
-        pixels[:, :, i] += np.linspace(0, 190, pixels.shape[1])  # a red, green or blue ramp
-        Image.fromarray(pixels.astype(np.uint8)).save(images / f"COCO_val2014_{image_id:012d}.jpg")
+    coco_ramp_images(images, IDS)
     (images / "broken.jpg").write_bytes(b"this is not a jpeg")
-    store = root / "features.h5"
-    run_extract(ExtractConfig(out=str(store), paths=[str(images)], cnn_weights="none", image_size=75,
-                              dtype="float32", batch_size=2, progress=False))
-    with open_store(store) as s:
-        cnn = s.cnn
-    vocab = Vocabulary.build(["a red square on a field", "two blue circles", "a green dog runs"], min_count=1)
-    config = ModelConfig(vocab_size=len(vocab), embedding_size=12, lstm_units=12, init_scale=1.0)
-    decoder = build_decoder(config, seed=3)
-    # a random CNN's features are tiny (~1e-4): scale the projection so each image gets its own captions
-    kernel = decoder.image_embedding.kernel
-    kernel.assign(np.random.default_rng(1).normal(size=kernel.shape).astype(np.float32) * 300)
-    model_dir = save_model_dir(root / "model", decoder, config, vocab, cnn=cnn)
+    store, model_dir = tiny_caption_model(root, images)
     return root, images, store, model_dir
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from helpers import REPO
-from PIL import Image
+from helpers import REPO, coco_ramp_images, tiny_caption_model
 
 from beam import SearchConfig
 from cli import main
@@ -109,36 +108,15 @@ def export(*args):
 def tiny(tmp_path_factory):
     """3 COCO-named JPEGs + 3 bad files, their float32 store (75 px, random CNN), a tiny decoder model dir,
     exported twice: A with the default search, B with SEARCH_B (written with --overwrite over a junk file)."""
-    from data.vocab import Vocabulary
-    from decoder.config import ModelConfig
-    from decoder.model import build_decoder
-    from decoder.modeldir import save_model_dir
-    from extract.run import ExtractConfig, run_extract
-
     root = tmp_path_factory.mktemp("export")
     images, bad = root / "images", root / "bad"
     images.mkdir()
     bad.mkdir()
-    rng = np.random.default_rng(0)
-    for i, image_id in enumerate([42, 7, 123456]):
-        pixels = rng.random((90, 80 + 8 * i, 3)) * 60
-        pixels[:, :, i] += np.linspace(0, 190, pixels.shape[1])
-        Image.fromarray(pixels.astype(np.uint8)).save(images / f"COCO_val2014_{image_id:012d}.jpg")
-    good = sorted(images.glob("*.jpg"))
+    good = sorted(coco_ramp_images(images, [42, 7, 123456]))
     (bad / "empty.jpg").write_bytes(b"")
     (bad / "text.jpg").write_bytes(b"this is not an image, just text\n")
     (bad / "truncated.jpg").write_bytes(good[0].read_bytes()[:700])
-    store = root / "features.h5"
-    run_extract(ExtractConfig(out=str(store), paths=[str(images)], cnn_weights="none", image_size=75,
-                              dtype="float32", batch_size=2, progress=False))
-    with open_store(store) as s:
-        cnn = s.cnn
-    vocab = Vocabulary.build(["a red square on a field", "two blue circles", "a green dog runs"], min_count=1)
-    config = ModelConfig(vocab_size=len(vocab), embedding_size=12, lstm_units=12, init_scale=1.0)
-    decoder = build_decoder(config, seed=3)
-    kernel = decoder.image_embedding.kernel  # a random CNN's features are tiny: make each image count
-    kernel.assign(np.random.default_rng(1).normal(size=kernel.shape).astype(np.float32) * 300)
-    model_dir = save_model_dir(root / "model", decoder, config, vocab, cnn=cnn)
+    store, model_dir = tiny_caption_model(root, images)
     code, out = export("--model-dir", model_dir, "--out", root / "exported" / "1")
     assert code == 0, out
     (root / "exported" / "2").mkdir()
