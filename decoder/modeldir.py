@@ -27,7 +27,7 @@ from data.vocab import Vocabulary
 from decoder.config import ModelConfig
 from decoder.model import ShowAndTell, build_decoder
 from decoder.train.config import recipe_differences
-from extract.encoder import CNNSpec, build_encoder, check_fingerprint, weights_fingerprint
+from extract.encoder import CNNSpec, build_encoder, check_fingerprint, check_same_cnn, weights_fingerprint
 from extract.inputs import check_output_dir
 from extract.preprocess import resize_size
 
@@ -209,6 +209,15 @@ def cnn_spec(loaded: LoadedModel, image_size: int | None = None) -> CNNSpec:
     if image_size:
         spec.image_size, spec.resize_size = int(image_size), resize_size(int(image_size))
     return spec
+
+
+def check_store_fits(store, loaded: LoadedModel, store_name) -> None:
+    """InputError unless a feature store can feed the model dir's decoder: the same CNN (fingerprint, image
+    size) and the feature width the decoder takes."""
+    check_same_cnn(store.cnn, loaded.cnn, store_name, loaded.model_dir)
+    if store.dim != loaded.model.config.feature_dim:
+        raise InputError(f"feature store {store_name} has {store.dim}-d features but the model in "
+                         f"{loaded.model_dir} takes {loaded.model.config.feature_dim}-d ones.")
 
 
 def load_cnn(loaded, image_size: int | None = None):

@@ -18,8 +18,8 @@ import numpy as np
 
 from data.errors import InputError
 from data.features import open_store
-from decoder.modeldir import LoadedModel, cnn_spec
-from extract.encoder import check_fingerprint, check_same_cnn
+from decoder.modeldir import LoadedModel, check_store_fits, cnn_spec
+from extract.encoder import check_fingerprint
 from extract.pipeline import inference_encoder, make_dataset
 
 MISSING = "missing"  # error category: the image is not in the store / under any images root
@@ -68,10 +68,7 @@ class StoreInput(FeatureInput):
         (missing="skip"). InputError when the store's CNN or feature width is not the model's."""
         self.path = path
         with open_store(path) as store:
-            check_same_cnn(store.cnn, loaded.cnn, path, loaded.model_dir)
-            if store.dim != loaded.model.config.feature_dim:
-                raise InputError(f"feature store {path} has {store.dim}-d features but the model expects "
-                                 f"{loaded.model.config.feature_dim}.")
+            check_store_fits(store, loaded, path)
             index = {k: i for i, k in enumerate(store.keys)}
             keys = list(store.keys) if keys is None else list(keys)
             lost = [k for k in keys if k not in index]

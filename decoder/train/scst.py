@@ -31,6 +31,7 @@ from decoder.config import ModelConfig
 from decoder.model import build_decoder, sparse_cross_entropy
 from decoder.modeldir import (
     DECODER_WEIGHTS,
+    check_store_fits,
     derived_run_dirs,
     load_model_dir,
     make_config,
@@ -45,7 +46,6 @@ from decoder.train.scst_data import BASELINES, CIDER_DF, CiderReward, ScstBatche
 from decoder.train.step import Trainable
 from evaluation.cider import CiderD
 from extract.devices import choose_strategy
-from extract.encoder import check_same_cnn
 
 COMMAND = "train-scst"
 
@@ -251,11 +251,8 @@ def _split(annotations, split: str, store, vocab, log):
 
 def _train_scst(cfg, source_dir: Path, out: Path, train, store, overwrite, strategy, log, progress):
     loaded = load_model_dir(source_dir)
-    check_same_cnn(store.cnn, loaded.cnn, cfg.features, source_dir)
+    check_store_fits(store, loaded, cfg.features)
     vocab, model_config = loaded.vocab, ModelConfig.from_dict(loaded.config["model"])
-    if store.dim != model_config.feature_dim:
-        raise InputError(f"feature store {cfg.features} has {store.dim}-d features but the model in "
-                         f"{source_dir} takes {model_config.feature_dim}-d ones.")
     annotations = load_annotations(cfg.captions, fmt=cfg.caption_format, split_scheme=cfg.split_scheme)
     log(f"captions: {annotations.summary()}")
     train_images = _split(annotations, "train", store, vocab, log)
