@@ -1,7 +1,7 @@
 """showtell command line: `python cli.py --help`.
 
 Each command parses its options, calls one package function and prints. Nothing else reads argv or the
-environment. A bad argument raises `data.errors.InputError`, printed as one sentence with exit status 2.
+environment. A bad argument raises `base.errors.InputError`, printed as one sentence with exit status 2.
 """
 
 import math
@@ -11,10 +11,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from data.errors import InputError, RunStopped  # noqa: E402
+from base.devices import quiet_tensorflow  # noqa: E402  (imports no TensorFlow itself)
+from base.errors import InputError, RunStopped  # noqa: E402
 from data.formats import FORMATS  # noqa: E402  (standard library only: --help stays fast)
 from data.splits import SPLIT_SCHEMES  # noqa: E402
-from extract.devices import quiet_tensorflow  # noqa: E402  (imports no TensorFlow itself)
 
 __version__ = "0.1.0"
 

@@ -74,7 +74,7 @@ def main() -> None:
     size = args.image_size
 
 
-    from extract.devices import accelerators
+    from base.devices import accelerators
     from extract.encoder import CNNSpec
     from extract.pipeline import inference_encoder
     from extract.preprocess import decode_image, preprocess

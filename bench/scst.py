@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from base.devices import choose_strategy  # noqa: E402
 from data.tokenizer import tokenize  # noqa: E402
 from decoder.config import ModelConfig  # noqa: E402
 from decoder.model import build_decoder  # noqa: E402
@@ -44,7 +45,6 @@ from decoder.train.config import TrainConfig  # noqa: E402
 from decoder.train.scst import ScstConfig, ScstTrainable, sample_captions  # noqa: E402
 from decoder.train.scst_data import CiderReward  # noqa: E402
 from decoder.train.step import DecoderTrainable, TrainStep  # noqa: E402
-from extract.devices import choose_strategy  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 D = 2048  # feature width (InceptionV3's pooled output)

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from base.errors import InputError
 from data import formats, splits
-from data.errors import InputError
 from data.formats import FORMATS
 from data.records import ImageRecord, check_unique
 from data.splits import SPLITS

@@ -33,8 +33,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data.atomic import atomic_path
-from data.errors import InputError
+from base.atomic import atomic_path
+from base.errors import InputError
 from data.integrity import damaged_rows, nonfinite_rows, reseal
 
 FORMAT_NAME = "showtell-features"

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import InputError
+from base.errors import InputError
 from data.records import ImageRecord, fits_int64, flickr_image_id, safe_relpath
 
 FORMATS = ("coco", "karpathy", "flickr8k")  # the keys of READERS, in this order

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from data.errors import InputError
+from base.errors import InputError
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Base module of the caption loaders: `data/formats.py` (the readers) and `data/splits.py` (the split schemes)
 build on it, and `data/captions.py` (`load_annotations`) ties them together. It imports nothing of ours
-except `data.errors`.
+except `base.errors`.
 """
 
 import hashlib
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from data.errors import InputError
+from base.errors import InputError
 
 _LEADING_DIGITS = re.compile(r"^(\d{1,18})(?:[_.]|$)")
 

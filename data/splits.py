@@ -14,7 +14,7 @@
 import hashlib
 from collections.abc import Sequence
 
-from data.errors import InputError
+from base.errors import InputError
 from data.records import ImageRecord
 
 SPLITS = ("train", "val", "test")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.atomic import atomic_write_json
+from base.atomic import atomic_write_json
 
 COLOURS = {
     "red": (220, 30, 30),

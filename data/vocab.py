@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from data.atomic import atomic_write_text
-from data.errors import InputError
+from base.atomic import atomic_write_text
+from base.errors import InputError
 from data.tokenizer import tokenize
 
 START = "<S>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from data.errors import InputError
+from base.errors import InputError
 
 
 def config_from_dict(cls, data: dict, what: str):

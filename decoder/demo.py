@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from base.errors import InputError
 from beam import SearchConfig
 from data.captions import load_annotations
-from data.errors import InputError
 from data.pipeline import PipelineConfig
 from data.synthetic import generate_shapes
 from decoder.infer.captioner import Captioner, caption_files

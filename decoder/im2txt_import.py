@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InputError
-from data.locks import exclusive
+from base.errors import InputError
+from base.locks import exclusive
 from data.vocab import Vocabulary
 from decoder.config import ModelConfig
 from decoder.model import build_decoder

@@ -15,14 +15,14 @@ vocabulary's digest, so a changed word_counts.txt is refused instead of giving n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.atomic import atomic_path, atomic_write_json
-from data.errors import InputError
+from base.atomic import atomic_path, atomic_write_json
+from base.digest import file_sha256
+from base.errors import InputError
 from data.vocab import Vocabulary
 from decoder.config import ModelConfig
 from decoder.model import ShowAndTell, build_decoder
@@ -55,8 +55,7 @@ class LoadedModel:
 
 def vocab_block(path: Path) -> dict:
     """{"words": ids in the vocabulary file (with <UNK>), "sha256": digest of its bytes}."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"words": len(Vocabulary.load(path)), "sha256": digest}
+    return {"words": len(Vocabulary.load(path)), "sha256": file_sha256(path)}
 
 
 def read_config(model_dir: Path) -> dict | None:
@@ -162,7 +161,7 @@ def check_vocab(model_dir: Path, config: dict) -> Vocabulary:
     path = model_dir / VOCAB_FILE
     vocab = Vocabulary.load(path)
     want = config.get("vocab") or {}
-    if want.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != want["sha256"]:
+    if want.get("sha256") and file_sha256(path) != want["sha256"]:
         raise InputError(f"{path} changed after the model was trained ({len(vocab)} words now, "
                          f"{want.get('words')} then; its digest differs): restore the original file.")
     return vocab

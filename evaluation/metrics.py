@@ -19,8 +19,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.atomic import atomic_write_json
-from data.errors import InputError
+from base.atomic import atomic_write_json
+from base.errors import InputError
 from data.tokenizer import tokenize
 
 METRICS_FORMAT = "showtell-metrics"

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data.atomic import atomic_write_text
+from base.atomic import atomic_write_text
 from evaluation.metrics import DISPLAY_NAMES, MetricsResult, metrics_footer, metrics_rows
 
 THUMBNAIL_PX = 160  # longest side of the embedded thumbnails, in pixels

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 import keras
 import numpy as np
 
-from data.errors import InputError
+from base.errors import InputError
 from extract.preprocess import IM2TXT_SIZE, resize_size
 from extract.slim import load_slim_weights
 

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from base.errors import InputError
 from data.captions import load_annotations
-from data.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 PROBE_BYTES = 1 << 16  # a write of this size must succeed in an output folder (a full disk fails it)

@@ -6,7 +6,7 @@ unsharded command on it reports "already complete"). Refused: a missing, duplica
 shards of different runs (inputs, CNN fingerprint, size, dtype, views, seed; the extraction batch size may
 differ), or a shard that is damaged (data.features checks every chunk's checksum and refuses NaN/Inf).
 Written to a temporary name and renamed, so a killed merge leaves nothing half-written; --out is locked
-(`<out>.lock`, data.locks) while the merge runs.
+(`<out>.lock`, base.locks) while the merge runs.
 """
 
 import hashlib
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import atomic_path
-from data.errors import InputError
+from base.atomic import atomic_path
+from base.errors import InputError
+from base.locks import exclusive
 from data.features import create_store, open_store
-from data.locks import exclusive
 from extract.inputs import check_output
 from extract.preprocess import error_category
 

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from extract.devices import choose_strategy, default_precision, dtype_policy
+from base.devices import choose_strategy, default_precision, dtype_policy
 from extract.encoder import CNNSpec, encoder_and_spec
 from extract.preprocess import MAX_PIXELS, BadImage, decode_image, preprocess
 
@@ -103,7 +103,7 @@ _KEEP = 2
 
 def inference_encoder(spec):
     """(infer, CNNSpec with its fingerprint) for a CNN block: `infer(float32 [B, S, S, 3]) -> np.float32
-    [B, 2048]`. With accelerators (extract.devices.accelerators): mixed_float16 compute, and a
+    [B, 2048]`. With accelerators (base.devices.accelerators): mixed_float16 compute, and a
     MirroredStrategy over several of them.
 
     The last two encoders are kept, so several runs in one process (demo, tests, extract then caption)

@@ -10,7 +10,7 @@ part of the identity: resuming an incomplete store with another --batch-size is 
 results depend on the batch shape), while a complete store is reported complete whatever the batch size
 (or compute precision).
 
-The store is locked (`<store>.lock`, data.locks) for the whole run: a second extract on the same --out is
+The store is locked (`<store>.lock`, base.locks) for the whole run: a second extract on the same --out is
 refused while the first is alive. Rows whose features come out NaN/Inf (a float16 overflow) are recorded as
 failed ("non-finite: ..."), never stored as features.
 """
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.atomic import remove_stale_temps
-from data.errors import InputError, RunStopped
+from base.atomic import remove_stale_temps
+from base.devices import default_precision
+from base.errors import InputError, RunStopped
+from base.locks import exclusive
 from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
 from data.integrity import nonfinite_rows
-from data.locks import exclusive
-from extract.devices import default_precision
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
 from extract.inputs import Rows, check_output, gather_rows
 from extract.pipeline import inference_encoder, make_dataset

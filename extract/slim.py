@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data.errors import InputError
+from base.errors import InputError
 
 SCOPE = "InceptionV3"
 # Classification heads of the slim model zoo checkpoint: not part of include_top=False, skipped.

@@ -1,7 +1,7 @@
 """The GPU-only code paths run on the CPU (a helper script of tests/test_gpu_paths.py, not a test module).
 
 `python tests/gpu_scenarios.py SCENARIO WORKDIR` splits the CPU into 2 logical devices before TensorFlow
-initialises, then runs one scenario with those devices standing in for 2 GPUs (extract.devices.use_fake_gpus,
+initialises, then runs one scenario with those devices standing in for 2 GPUs (base.devices.use_fake_gpus,
 THE accelerator seam): mixed_float16 compute and a MirroredStrategy over both devices, exactly the branches a
 2-GPU machine takes. It prints one JSON line of findings; the test module makes the assertions.
 
@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import numpy as np  # noqa: E402
 
-from extract.devices import choose_strategy, default_precision, quiet_tensorflow, use_fake_gpus  # noqa: E402
+from base.devices import choose_strategy, default_precision, quiet_tensorflow, use_fake_gpus  # noqa: E402
 
 tf = quiet_tensorflow()
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
@@ -34,7 +34,7 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
 
 import keras  # noqa: E402
 
-from data.errors import InputError, RunStopped  # noqa: E402
+from base.errors import InputError, RunStopped  # noqa: E402
 from data.features import StoreWriter, open_store  # noqa: E402
 from data.synthetic import generate_shapes  # noqa: E402
 from extract.run import ExtractConfig, run_extract  # noqa: E402

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from base.errors import InputError
 from data.captions import Annotations, ImageRecord, load_annotations
-from data.errors import InputError
 from data.records import flickr_image_id
 
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from test_preprocess import make_good_images, make_odd_images
 
-from data.errors import InputError, RunStopped
+from base.errors import InputError, RunStopped
 from data.features import StoreWriter, open_store
 from extract.merge import merge_shards
 from extract.run import ExtractConfig, run_extract

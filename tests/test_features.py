@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data.errors import InputError
+from base.errors import InputError
 from data.features import ERROR_WIDTH, FORMAT_NAME, FORMAT_VERSION, create_store, open_store
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from base.errors import InputError
 from data.captions import load_annotations
-from data.errors import InputError
 from data.synthetic import generate_shapes
 from data.vocab import Vocabulary
 from decoder.config import ModelConfig

@@ -1,6 +1,6 @@
 """The GPU-only code paths, run on the CPU (see docs/gpu.md).
 
-Every branch taken only with a GPU goes through THE seam `extract.devices.accelerators()`; the scenarios of
+Every branch taken only with a GPU goes through THE seam `base.devices.accelerators()`; the scenarios of
 tests/gpu_scenarios.py replace it (`use_fake_gpus`) with the CPU split into 2 logical devices, so extract,
 train-decoder, finetune and caption run with mixed_float16 compute and a MirroredStrategy over 2 replicas.
 Each scenario runs in its own subprocess (the logical devices must be set before TensorFlow initialises).
@@ -117,7 +117,7 @@ def test_optimizers_never_apply_a_skipped_step():
 def test_the_seam_selects_precision_and_local_strategy(monkeypatch):
     import tensorflow as tf
 
-    from extract.devices import accelerators, choose_strategy, default_precision, use_fake_gpus
+    from base.devices import accelerators, choose_strategy, default_precision, use_fake_gpus
 
     with use_fake_gpus([]):
         assert accelerators() == [] and default_precision() == "float32"
@@ -132,7 +132,7 @@ def test_the_seam_selects_precision_and_local_strategy(monkeypatch):
 def test_real_gpus_get_memory_growth(monkeypatch):
     import tensorflow as tf
 
-    from extract import devices
+    from base import devices
 
     grown = []
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0", "gpu1"])
@@ -148,9 +148,9 @@ _BYPASS = re.compile(r"list_physical_devices\(|list_logical_devices\(|set_dtype_
 
 
 def test_every_gpu_branch_goes_through_the_seam():
-    """Device listing, strategies and the global dtype policy live in extract/devices.py only."""
+    """Device listing, strategies and the global dtype policy live in base/devices.py only."""
     files = [REPO / "cli.py", *(p for d in ("data", "extract", "decoder", "beam", "evaluation")
                                 for p in (REPO / d).rglob("*.py"))]
     found = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files if p.name != "devices.py"
              for i, line in enumerate(p.read_text().splitlines(), 1) if _BYPASS.search(line)]
-    assert not found, "GPU branches outside extract.devices:\n" + "\n".join(found)
+    assert not found, "GPU branches outside base.devices:\n" + "\n".join(found)

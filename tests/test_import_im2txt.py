@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
+from base.errors import InputError
 from cli import main
-from data.errors import InputError
 from decoder.im2txt_import import LSTM_NAMES, check_out_dir, convert_decoder, import_im2txt
 from decoder.modeldir import load_model_dir
 from extract.slim import CheckpointReader, save_tf1_checkpoint, slim_variable_names

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from data.errors import InputError
+from base.errors import InputError
 from evaluation import metrics
 from evaluation.metrics import (
     MetricsResult,

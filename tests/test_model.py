@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data.errors import InputError
+from base.errors import InputError
 from data.vocab import Vocabulary
 from decoder.config import ModelConfig
 from decoder.model import build_decoder, lstm_sequence

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from helpers import REPO, write_store
 from test_preprocess import make_good_images
 
+from base.errors import InputError, RunStopped
 from cli import main
 from data.captions import load_annotations
-from data.errors import InputError, RunStopped
 from data.features import StoreWriter, create_store, open_store
 from data.integrity import fletcher32
 from data.pipeline import match_pairs
@@ -235,7 +235,7 @@ def test_a_write_torn_by_a_kill_is_resealed_on_resume(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from data.locks import exclusive
+from base.locks import exclusive
 with exclusive(sys.argv[1], folder=sys.argv[2] == "folder"):
     print("locked", flush=True)
     time.sleep(120)

@@ -15,8 +15,8 @@ from helpers import TINY, h5_datasets, make_dataset
 from test_import_im2txt import LSTM_NAMES, tiny_tensors, write_vocab
 from test_reliability import _without_checksums, damaged_copy, hold_lock
 
+from base.errors import InputError
 from cli import main
-from data.errors import InputError
 from data.pipeline import PipelineConfig
 from decoder.im2txt_import import import_im2txt
 from decoder.infer.evaluate import EvalConfig, run_evaluate

@@ -16,8 +16,9 @@ import pytest
 import tensorflow as tf
 from helpers import CNN, REPO, cli, h5_datasets, make_dataset, write_store
 
+from base.devices import choose_strategy
+from base.errors import InputError
 from beam import greedy_search
-from data.errors import InputError
 from decoder.config import ModelConfig
 from decoder.model import build_decoder
 from decoder.modeldir import load_model_dir
@@ -27,7 +28,6 @@ from decoder.train.scst_data import CiderReward
 from decoder.train.step import TrainStep
 from decoder.train.train_decoder import DataConfig, train_decoder
 from evaluation.cider import CiderD
-from extract.devices import choose_strategy
 
 START, END = 1, 2  # a toy vocabulary of 6 ids: 0, <S>, </S>, 3, 4, 5
 REFS = [[np.array([3])], [np.array([4])], [np.array([5])], [np.array([0])]]  # image i's one reference

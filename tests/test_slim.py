@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data.errors import InputError
+from base.errors import InputError
 from extract.encoder import build_encoder
 from extract.slim import (
     CheckpointReader,

@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
+from base.errors import InputError
 from data.captions import ImageRecord, load_annotations
-from data.errors import InputError
 from data.splits import SPLIT_SCHEMES, hash_split, im2txt_split, is_coco2014
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import REPO, TINY, cli, h5_datasets, make_dataset, write_store
 
-from data.errors import InputError
+from base.errors import InputError
 from decoder.train.config import TrainConfig
 from decoder.train.train_decoder import DataConfig, train_decoder
 

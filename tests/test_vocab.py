@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from data.errors import InputError
+from base.errors import InputError
 from data.tokenizer import tokenize
 from data.vocab import Vocabulary
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from base.errors import InputError
 from beam import Caption, SearchConfig, generate
-from data.errors import InputError
 from decoder.infer.features import FeatureInput, ImageInput, StoreInput
 from decoder.modeldir import load_model_dir
 from extract.inputs import rows_from_paths

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from base.errors import InputError
 from beam import SearchConfig
 from data.captions import ImageRecord, load_annotations
-from data.errors import InputError
 from data.pipeline import PairBatches, match_pairs
 from decoder.infer.captioner import Captioner
 from decoder.infer.features import FeatureInput, ImageInput, StoreInput

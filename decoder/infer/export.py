@@ -29,11 +29,11 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from base.atomic import fsync_dir, fsync_path, temp_name
+from base.errors import InputError
+from base.locks import exclusive
 from beam.common import check_common
 from beam.graph import graph_beam_search
-from data.atomic import fsync_dir, fsync_path, temp_name
-from data.errors import InputError
-from data.locks import exclusive
 from decoder.infer.export_decode import decode_batch
 from decoder.modeldir import cnn_spec, load_cnn, load_model_dir
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InputError
+from base.errors import InputError
 from data.features import open_store
 from decoder.modeldir import LoadedModel, check_store_fits, cnn_spec
 from extract.encoder import check_fingerprint

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import atomic_write_bytes
-from data.errors import InputError
+from base.atomic import atomic_write_bytes
+from base.errors import InputError
 
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
 

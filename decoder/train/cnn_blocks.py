@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from data.errors import InputError
+from base.errors import InputError
 
 NUM_BLOCKS = 11
 _MIXED = re.compile(r"^mixed(\d+)$")

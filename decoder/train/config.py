@@ -10,9 +10,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from data.errors import InputError
+from base.devices import default_precision
+from base.errors import InputError
 from decoder.config import config_from_dict
-from extract.devices import default_precision
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Roles of the processes of a tf.distribute run: which one is the chief, where each writes, which replicas
-an input pipeline feeds. The strategy itself comes from extract.devices.choose_strategy."""
+an input pipeline feeds. The strategy itself comes from base.devices.choose_strategy."""
 
 from __future__ import annotations
 

@@ -13,15 +13,16 @@ with its block.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tensorflow as tf
 
+from base.devices import choose_strategy
+from base.digest import file_sha256
+from base.errors import InputError
+from base.locks import exclusive
 from data.captions import load_annotations
-from data.errors import InputError
-from data.locks import exclusive
 from decoder.config import ModelConfig
 from decoder.model import build_decoder
 from decoder.modeldir import (
@@ -42,7 +43,6 @@ from decoder.train.distribute import worker_dir
 from decoder.train.image_batches import BadImages, ImageBatches, image_pairs
 from decoder.train.loop import TrainResult, train_loop
 from decoder.train.step import Trainable
-from extract.devices import choose_strategy
 from extract.encoder import FEATURE_DIM, MIN_IMAGE_SIZE, weights_fingerprint
 from extract.inputs import check_root
 
@@ -101,14 +101,6 @@ class FinetuneTrainable(Trainable):
                                       batch["target_seqs"], batch["mask"], training=training, seed=seed)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _split_pairs(annotations, split: str, roots, vocab, log, max_words: int | None = None):
     records = annotations.part(split)
     if not records:
@@ -161,7 +153,7 @@ def _finetune(cfg, source_dir: Path, out: Path, train, overwrite, strategy, log,
     train_pairs, train_files = _split_pairs(annotations, "train", roots, vocab, log, cfg.max_caption_length)
     val_pairs, val_files = _split_pairs(annotations, "val", roots, vocab, log, cfg.max_caption_length)
     identity = {"source": str(source_dir.resolve()), "source_cnn_fingerprint": loaded.cnn.get("fingerprint"),
-                "source_decoder_sha256": _sha256(source_dir / DECODER_WEIGHTS),
+                "source_decoder_sha256": file_sha256(source_dir / DECODER_WEIGHTS),
                 "trainable_blocks": cfg.trainable_blocks, "image_size": image_size}
     config = make_config(model_config, vocab, loaded.cnn, COMMAND, {
         "train": train.to_dict(), "data": cfg.to_dict(), "finetune": identity})

@@ -15,7 +15,7 @@ from pathlib import Path
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from data.atomic import atomic_write_text
+from base.atomic import atomic_write_text
 
 
 def _scalar_metadata() -> bytes:

@@ -29,13 +29,13 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from data.errors import RunStopped
+from base.devices import choose_strategy, dtype_policy
+from base.errors import RunStopped
 from decoder.train.checkpoints import CheckpointManager
 from decoder.train.config import TrainConfig
 from decoder.train.distribute import input_replicas, worker_dir, worker_role
 from decoder.train.logbook import Logbook
 from decoder.train.step import Trainable, TrainStep, perplexity
-from extract.devices import choose_strategy, dtype_policy
 
 MAX_SKIPPED_IN_A_ROW = 50  # mixed_float16: this many overflowing steps in a row means the run diverged
 

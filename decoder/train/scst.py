@@ -15,17 +15,18 @@ document frequencies, as `evaluate` computes CIDEr), the best checkpoint = the h
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from base.devices import choose_strategy
+from base.digest import file_sha256
+from base.errors import InputError
+from base.locks import exclusive
 from data.captions import load_annotations
-from data.errors import InputError
 from data.features import open_store
-from data.locks import exclusive
 from data.pipeline import FeatureSource, PipelineConfig
 from decoder.config import ModelConfig
 from decoder.model import build_decoder, sparse_cross_entropy
@@ -45,7 +46,6 @@ from decoder.train.loop import TrainResult, train_loop
 from decoder.train.scst_data import BASELINES, CIDER_DF, CiderReward, ScstBatches, split_images
 from decoder.train.step import Trainable
 from evaluation.cider import CiderD
-from extract.devices import choose_strategy
 
 COMMAND = "train-scst"
 
@@ -81,7 +81,7 @@ class ScstConfig:
     def identity(self, source_dir: Path) -> dict:
         """The settings a resumed run must share (config.json "scst")."""
         return {"source": str(source_dir.resolve()),
-                "source_decoder_sha256": _sha256(source_dir / DECODER_WEIGHTS), "samples": self.samples,
+                "source_decoder_sha256": file_sha256(source_dir / DECODER_WEIGHTS), "samples": self.samples,
                 "baseline": self.baseline, "max_length": self.max_length,
                 "cider_df": self.cider_df}
 
@@ -100,10 +100,6 @@ def scst_recipe(**overrides) -> TrainConfig:
                 "batch_size": 32, "val_batch_size": 256}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**settings)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def sample_captions(model, features, num_samples: int, max_length: int, start_id: int, end_id: int,

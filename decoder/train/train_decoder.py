@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from base.devices import choose_strategy
+from base.errors import InputError
+from base.locks import exclusive
 from data.captions import load_annotations
-from data.errors import InputError
 from data.features import open_store
-from data.locks import exclusive
 from data.pipeline import FeatureSource, PairBatches, PipelineConfig, feature_stats, match_pairs
 from data.vocab import Vocabulary
 from decoder.config import ModelConfig
@@ -31,7 +32,6 @@ from decoder.train.config import TrainConfig
 from decoder.train.distribute import worker_dir
 from decoder.train.loop import TrainResult, train_loop
 from decoder.train.step import DecoderTrainable
-from extract.devices import choose_strategy
 from extract.inputs import check_output_dir
 
 COMMAND = "train-decoder"

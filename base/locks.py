@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from data.errors import InputError
+from base.errors import InputError
 
 
 def lock_path(target, folder: bool) -> Path:
