@@ -1,4 +1,5 @@
-# showtell: `make demo` runs the whole pipeline on the built-in sample, `make test` runs ruff + the tests.
+# showtell: `make demo` runs the whole pipeline on the built-in sample, `make test` runs ruff + the tests,
+# `make test-fast` ruff + the tests not marked slow (the edit loop).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +28,11 @@ lint: $(STAMP)
 test: lint
 	@rm -f .pytest-exit-code
 	@$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=10; rc=$$?; echo $$rc > .pytest-exit-code; exit $$rc
+
+test-fast: lint
+	@start=$$(date +%s); \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" --durations=5; rc=$$?; \
+	echo "test-fast: $$(( $$(date +%s) - start )) s (make test runs the slow tests too)"; exit $$rc
 
 bench: $(STAMP)
 	$(PY) bench/beam.py

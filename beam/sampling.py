@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from beam.common import (
-    LOG_MIN_PROB,
-    Caption,
-    apply_bans,
-    check_common,
-    gather_rows,
-    length_denominator,
-    state_batch_size,
-    to_numpy_logp,
-    top_k,
-)
+import beam.common as common  # the pieces beam/search.py shares: Caption, state rows, bans, top-k, scoring
 
 
 def greedy_search(initial_state, step_fn, *, start_id: int, end_id: int, max_length: int = 20,
                   alpha: float = 0.0, no_repeat_ngram: int = 0, banned: tuple[int, ...] = ()
-                  ) -> list[list[Caption]]:
+                  ) -> list[list[common.Caption]]:
     """Greedy decoding = beam search with beam_size 1 (identical result), without the beam bookkeeping.
 
     Shapes and step_fn as in beam.beam_search; the arg-max tie goes to the lower word id like top_k.
     Returns per image a list of at most one Caption.
     """
-    b = state_batch_size(initial_state)
+    b = common.state_batch_size(initial_state)
     return _decode(initial_state, step_fn, np.arange(b), b, _pick_greedy, start_id=start_id, end_id=end_id,
                    max_length=max_length, alpha=alpha, no_repeat_ngram=no_repeat_ngram, banned=banned)
 
@@ -38,7 +28,7 @@ def greedy_search(initial_state, step_fn, *, start_id: int, end_id: int, max_len
 def sample_search(initial_state, step_fn, *, start_id: int, end_id: int, num_samples: int = 1,
                   temperature: float = 1.0, top_k_words: int = 0, seed: int | None = 0, max_length: int = 20,
                   length_normalization: float = 0.0, no_repeat_ngram: int = 0, suppress_unk: bool = False,
-                  unk_id: int | None = None) -> list[list[Caption]]:
+                  unk_id: int | None = None) -> list[list[common.Caption]]:
     """Sample num_samples captions per image from softmax(log_probs / temperature), optionally restricted to
     each step's top_k_words words (0 = all), with a NumPy Generator seeded by `seed`.
 
@@ -52,22 +42,22 @@ def sample_search(initial_state, step_fn, *, start_id: int, end_id: int, num_sam
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k_words < 0:
         raise ValueError(f"top_k_words must be >= 0, got {top_k_words}")
-    check_common(max_length, length_normalization, no_repeat_ngram, suppress_unk, unk_id)
-    b = state_batch_size(initial_state)
+    common.check_common(max_length, length_normalization, no_repeat_ngram, suppress_unk, unk_id)
+    b = common.state_batch_size(initial_state)
     image = np.repeat(np.arange(b), num_samples)
     rng = np.random.default_rng(seed)
 
     def pick(logp):
         z = logp / temperature
-        z = np.where(logp >= LOG_MIN_PROB, z, -np.inf)
+        z = np.where(logp >= common.LOG_MIN_PROB, z, -np.inf)
         if top_k_words and top_k_words < z.shape[1]:
-            ids, _ = top_k(z, top_k_words)
+            ids, _ = common.top_k(z, top_k_words)
             keep = np.full(z.shape, -np.inf)
             np.put_along_axis(keep, ids, np.take_along_axis(z, ids, axis=1), axis=1)
             z = keep
         return np.argmax(z + rng.gumbel(size=z.shape), axis=1)  # Gumbel-max = a draw from softmax(z)
 
-    state = gather_rows(initial_state, image)
+    state = common.gather_rows(initial_state, image)
     banned = (int(unk_id),) if suppress_unk else ()
     return _decode(state, step_fn, image, b, pick, start_id=start_id, end_id=end_id, max_length=max_length,
                    alpha=length_normalization, no_repeat_ngram=no_repeat_ngram, banned=banned)
@@ -78,7 +68,7 @@ def _pick_greedy(logp: np.ndarray) -> np.ndarray:
 
 
 def _decode(state, step_fn, image, b, pick, *, start_id, end_id, max_length, alpha, no_repeat_ngram,
-            banned) -> list[list[Caption]]:
+            banned) -> list[list[common.Caption]]:
     """One-word-per-row decoding shared by greedy and sampling.
 
     image: int [R], the image of each of the R rows of `state`; pick(logp [N, V]) -> word ids int [N].
@@ -94,29 +84,29 @@ def _decode(state, step_fn, image, b, pick, *, start_id, end_id, max_length, alp
         if rows.size == 0:
             break
         logp, new_state = step_fn(tokens[rows, t - 1].astype(np.int32), state)
-        logp = apply_bans(to_numpy_logp(logp), tokens[rows, :t], no_repeat_ngram=no_repeat_ngram,
-                          banned_ids=banned)
+        logp = common.apply_bans(common.to_numpy_logp(logp), tokens[rows, :t],
+                                 no_repeat_ngram=no_repeat_ngram, banned_ids=banned)
         words = pick(logp)
         vals = logp[np.arange(rows.size), words].astype(np.float64)
-        ok = vals >= LOG_MIN_PROB
+        ok = vals >= common.LOG_MIN_PROB
         tokens[rows, t] = words
         logprob[rows] += np.where(ok, vals, 0.0)
         length[rows[ok]] = t + 1
         status[rows[~ok]] = 2
         status[rows[ok & (words == end_id)]] = 1
         keep = ok & (words != end_id)
-        state = gather_rows(new_state, np.nonzero(keep)[0])
+        state = common.gather_rows(new_state, np.nonzero(keep)[0])
         rows = rows[keep]
     out = []
     for i in range(b):
         mine = np.nonzero(image == i)[0]
         done = mine[status[mine] == 1]
         if done.size:
-            caps = [Caption([int(w) for w in tokens[j, :length[j]]], float(logprob[j]),
-                            float(logprob[j] / length_denominator(length[j], alpha)) if alpha > 0
-                            else float(logprob[j]), True) for j in done]
+            caps = [common.Caption([int(w) for w in tokens[j, :length[j]]], float(logprob[j]),
+                                   float(logprob[j] / common.length_denominator(length[j], alpha)), True)
+                    for j in done]  # the denominator is 1.0 (exact) when alpha is 0
         else:
-            caps = [Caption([int(w) for w in tokens[j, :length[j]]], float(logprob[j]), float(logprob[j]),
-                            False) for j in mine[status[mine] == 0]]
+            caps = [common.Caption([int(w) for w in tokens[j, :length[j]]], float(logprob[j]),
+                                   float(logprob[j]), False) for j in mine[status[mine] == 0]]
         out.append(sorted(caps, key=lambda c: -c.score))  # stable: ties keep sample order
     return out

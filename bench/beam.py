@@ -25,6 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from machine import precisions  # noqa: E402  (bench/, the script's folder)
+
 FULL = dict(vocab=12000, embed=512, units=512)  # im2txt's sizes
 SMOKE = dict(vocab=200, embed=32, units=32)
 
@@ -72,19 +74,27 @@ class NumpyDecoder:
 
 
 class TFDecoder:
-    """The same decoder in plain TF ops; `step` is one tf.function (no retracing across N)."""
+    """The same decoder in plain TF ops; `step` is one tf.function (no retracing across N). `dtype`
+    "bfloat16": the matmuls run in bfloat16 (weights and inputs cast), the LSTM state, the gates and the
+    log-softmax stay float32 (what a mixed_bfloat16 decoder step would do)."""
 
-    def __init__(self, vocab=12000, embed=512, units=512, feature=2048, seed=0):
+    def __init__(self, vocab=12000, embed=512, units=512, feature=2048, seed=0, dtype="float32"):
         import tensorflow as tf
 
-        self.tf, self.units = tf, units
+        self.tf, self.units, self.dtype = tf, units, dtype
         self.w = {k: tf.constant(v) for k, v in _weights(vocab, embed, units, feature, seed).items()}
+        for k in ("image_embedding", "kernel", "logits_w"):
+            self.w[k] = tf.cast(self.w[k], dtype)
         spec = tf.TensorSpec([None, units], tf.float32)
         self.step = tf.function(self._step, input_signature=[tf.TensorSpec([None], tf.int32), (spec, spec)])
 
+    def _mm(self, x, w):
+        """float32 [N, K] @ w (in self.dtype) -> float32 [N, M]."""
+        return self.tf.cast(self.tf.matmul(self.tf.cast(x, self.dtype), w), self.tf.float32)
+
     def _lstm(self, x, c, h):
         tf = self.tf
-        z = tf.matmul(tf.concat([x, h], axis=1), self.w["kernel"]) + self.w["bias"]
+        z = self._mm(tf.concat([x, h], axis=1), self.w["kernel"]) + self.w["bias"]
         i, j, f, o = tf.split(z, 4, axis=1)
         c = c * tf.sigmoid(f + 1.0) + tf.sigmoid(i) * tf.tanh(j)
         return c, tf.tanh(c) * tf.sigmoid(o)
@@ -92,13 +102,13 @@ class TFDecoder:
     def initial_state(self, features):
         """features float32 [B, 2048] -> (c, h) float32 tf.Tensor [B, U] each."""
         zeros = self.tf.zeros((features.shape[0], self.units))
-        return self._lstm(self.tf.matmul(features, self.w["image_embedding"]), zeros, zeros)
+        return self._lstm(self._mm(features, self.w["image_embedding"]), zeros, zeros)
 
     def _step(self, tokens, state):
         """tokens int32 [N], (c, h) [N, U] -> (log_probs float32 [N, V], (c, h))."""
         tf = self.tf
         c, h = self._lstm(tf.gather(self.w["seq_embedding"], tokens), *state)
-        logits = tf.matmul(h, self.w["logits_w"]) + self.w["logits_b"]
+        logits = self._mm(h, self.w["logits_w"]) + self.w["logits_b"]
         return tf.nn.log_softmax(logits), (c, h)
 
 
@@ -147,6 +157,26 @@ def parity(model, init, beam, kw, got, want):
     return len(got) - len(diff), len(diff), alone
 
 
+def bfloat16_lines(args, sizes, feats, kw, t_f32: float, got) -> None:
+    """The batched search with bfloat16 matmuls (TFDecoder(dtype="bfloat16")) against float32: images/s,
+    their ratio, identical best captions and the largest |log p| difference of the best captions."""
+    names, cpu_line = precisions()
+    print(cpu_line)
+    if "mixed_bfloat16" not in names or args.backend != "tf":
+        print("bfloat16 lines skipped" + ("" if "mixed_bfloat16" not in names else " (--backend tf only)"))
+        return
+    model = TFDecoder(**sizes, dtype="bfloat16")
+    init = model.initial_state(feats)
+    for n in (1, args.beam, args.images * args.beam):  # warm-up
+        model.step(np.ones(n, np.int32), tuple(np.repeat(np.asarray(s)[:1], n, 0) for s in init))
+    t_bf16, bf16 = timed(lambda: beam_search(init, model.step, beam_size=args.beam, **kw), args.repeats)
+    same = sum(a[0].tokens == b[0].tokens for a, b in zip(got, bf16, strict=True))
+    gap = max(abs(a[0].logprob - b[0].logprob) for a, b in zip(got, bf16, strict=True))
+    print(f"[bfloat16 matmuls, float32 state] batched beam search: {args.images / t_bf16:.1f} images/s; "
+          f"bfloat16 / float32: {t_f32 / t_bf16:.2f}x; identical best captions {same}/{args.images}, "
+          f"max |log p difference| of the best captions {gap:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=64)
@@ -180,6 +210,7 @@ def main():
     print(f"identical captions, batched vs per-image: {same}/{args.images}")
     print(f"differing images searched alone (same row counts, so same float round-off as the reference): "
           f"{alone}/{ndiff} identical")
+    bfloat16_lines(args, sizes, feats, kw, t_batch, got)
     print(f"speed-up batched / per-image: {t_ref / t_batch:.1f}x (target >= 10x)")
 
 

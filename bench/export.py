@@ -7,6 +7,9 @@
   caption                images/s of `cli.py caption`'s in-process path (Captioner + caption_files: PIL
                          decoding in tf.data, the CNN, NumPy beam search) on the same files, same batch size
   exported / caption     the worse of the two batch sizes (target >= 0.90: exporting must not cost speed)
+  bfloat16               on a CPU with native bfloat16 (bench/machine.py): the model exported again with
+                         --precision mixed_bfloat16 (the graph's CNN in bfloat16), its serving_default
+                         images/s at batch B, the ratio to the float32 export and identical best captions
 
 Model: InceptionV3 with seeded random weights (--cnn-weights none: ImageNet's FLOPs, no download) at 299 px
 and a random decoder of im2txt's sizes (vocabulary 12000, embedding 512, LSTM 512); beam 3, max length 20.
@@ -19,6 +22,7 @@ Run: `.venv/bin/python bench/export.py [--images N] [--batch-size B] [--reps R] 
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -31,7 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sample_images import gather_images  # noqa: E402  (bench/, the script's folder)
+from machine import precisions  # noqa: E402  (bench/, the script's folder)
+from sample_images import gather_images  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 LOAD = """
@@ -85,6 +90,30 @@ def caption_rate(captioner, paths: list[Path], batch: int):
     return len(paths) / (time.perf_counter() - t0), [r.texts[0] if r.texts else "" for r in run.results]
 
 
+def bfloat16_export(work: Path, paths: list[Path], args, f32_rate: float, f32_best: list[str]) -> None:
+    """Export the model again with a bfloat16 CNN and time serving_default at --batch-size against the
+    float32 export (`f32_rate` images/s, `f32_best` its best captions); skipped without native bfloat16."""
+    import tensorflow as tf
+
+    from base.devices import using_precision
+    from decoder.infer.export import ExportConfig, export_model
+
+    names, cpu_line = precisions()
+    print(cpu_line)
+    if "mixed_bfloat16" not in names or args.smoke:  # a second export would double the smoke's time
+        print("bfloat16 export skipped" + (" (--smoke)" if args.smoke else ""))
+        return
+    with using_precision("mixed_bfloat16"):
+        report = export_model(work / "model", work / "exported" / "2", ExportConfig())
+    model = tf.saved_model.load(str(report.out))
+    exported_rate(model, paths[:args.batch_size], args.batch_size)  # warm-up
+    runs = [exported_rate(model, paths, args.batch_size) for _ in range(args.reps)]
+    rate = max(r[0] for r in runs)
+    same = sum(a == b for a, b in zip(runs[0][1], f32_best, strict=True))
+    print(f"batch {args.batch_size}: exported serving_default in bfloat16 {rate:.2f} img/s; bfloat16 / "
+          f"float32 export: {rate / f32_rate:.2f}x; identical best captions {same}/{len(paths)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64, help="images timed at --batch-size")
@@ -103,11 +132,14 @@ def main() -> None:
 
     import tensorflow as tf
 
+    from base.devices import using_precision
     from beam import SearchConfig
     from decoder.infer.captioner import Captioner
     from decoder.infer.export import ExportConfig, export_model
 
     work = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    scope = contextlib.ExitStack()
+    scope.enter_context(using_precision("float32"))  # the float32 lines (bfloat16_export nests its own)
     try:
         (work / "img").mkdir()
         note = gather_images(work / "img", args.images, args.shared_data)
@@ -142,9 +174,11 @@ def main() -> None:
                   f"{same}/{len(files)}")
             ratios.append(exp / cap)
             print(f"batch {batch}: exported / caption: {exp / cap:.3f}")
+        bfloat16_export(work, paths, args, exp, runs[0][0][1])  # the last batch size: --batch-size
         print(f"exported / caption (worse of batch 1 and {args.batch_size}): {min(ratios):.3f} "
               f"(target >= 0.90)")
     finally:
+        scope.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

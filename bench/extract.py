@@ -4,6 +4,11 @@
                          (target >= 3)
   extract / ceiling      extract's images/s over the same CNN on already-decoded in-memory batches, the
                          physical limit of the machine for this CNN (target >= 0.90)
+  bfloat16               on a CPU with native bfloat16 (bench/machine.py prints the CPU's model name):
+                         extract and its ceiling again with --precision mixed_bfloat16, each against the
+                         ceiling in its own precision, and the bfloat16 / float32 images/s (target >= 2)
+  ray / local            `extract --engine ray --workers 2` over the local engine on the same images as
+                         webdataset shards, end to end (bench/extract_ray.py; not in --smoke; target >= 0.8)
 
 Images: ../shared/data/coco_val2017_sample/images when present (--shared-data), topped up with generated
 640x480 JPEGs.
@@ -29,8 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from extract_ray import ray_line  # noqa: E402  (bench/: the --engine ray vs local line)
+from machine import precisions  # noqa: E402  (bench/, the script's folder)
 from PIL import Image  # noqa: E402
-from sample_images import gather_images  # noqa: E402  (bench/, the script's folder)
+from sample_images import gather_images  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -57,6 +64,33 @@ def ceiling_rate(infer, batches: list[np.ndarray]) -> float:
     return sum(len(x) for x in batches) / (time.perf_counter() - t0)
 
 
+def time_precision(work: Path, paths: list[Path], batches: list, args, precision: str):
+    """(ceiling images/s per rep, extract images/s per rep) with the CNN in `precision`, interleaved."""
+    from extract.encoder import CNNSpec
+    from extract.pipeline import inference_encoder
+    from extract.run import ExtractConfig, run_extract
+
+    def cfg(out, imgs):
+        return ExtractConfig(out=str(work / f"{precision}-{out}"), paths=imgs, cnn_weights="none",
+                             image_size=args.image_size, batch_size=args.batch_size, precision=precision,
+                             progress=False)
+
+    # extract's own encoder (inference_encoder keeps it, so run_extract below calls the same function)
+    infer, _ = inference_encoder(CNNSpec(weights="none", seed=0, image_size=args.image_size), precision)
+    run_extract(cfg("warm.h5", [str(p) for p in paths[: args.batch_size]]), log=lambda m: None)  # trace
+    ceiling, extract = [], []
+    for rep in range(args.reps):
+        ceiling.append(ceiling_rate(infer, batches))
+        result = run_extract(cfg(f"run{rep}.h5", [str(work / "img")]), log=lambda m: None)
+        extract.append(result.done_now / result.seconds)
+        if rep == 0:
+            print(f"[{precision}] extract summary: {result.summary()}")
+    print(f"[{precision}] ceiling (same CNN, in-memory batches of {args.batch_size}): {max(ceiling):.2f} "
+          f"img/s (runs {', '.join(f'{c:.2f}' for c in ceiling)}); extract: {max(extract):.2f} img/s (runs "
+          f"{', '.join(f'{e:.2f}' for e in extract)})")
+    return ceiling, extract
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128, help="number of images (>= 64 for the report)")
@@ -75,10 +109,7 @@ def main() -> None:
 
 
     from base.devices import accelerators
-    from extract.encoder import CNNSpec
-    from extract.pipeline import inference_encoder
     from extract.preprocess import decode_image, preprocess
-    from extract.run import ExtractConfig, run_extract
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
@@ -89,23 +120,15 @@ def main() -> None:
               f"batch {args.batch_size}, "
               f"{os.cpu_count()} CPUs, GPUs: {len(accelerators())}")
 
-        def cfg(out, imgs):
-            return ExtractConfig(out=str(work / out), paths=imgs, cnn_weights="none", image_size=size,
-                                 batch_size=args.batch_size, progress=False)
-
-        # extract's own encoder (inference_encoder keeps it, so run_extract below calls the same function)
-        infer, _ = inference_encoder(CNNSpec(weights="none", seed=0, image_size=size))
-        run_extract(cfg("warm.h5", [str(p) for p in paths[: args.batch_size]]))  # build + trace once
+        names, cpu_line = precisions()
+        print(cpu_line)
         arrays = [preprocess(decode_image(p, size), size).numpy() for p in paths]
         batches = [np.stack(arrays[i : i + args.batch_size]) for i in range(0, len(arrays), args.batch_size)]
-        ceiling, extract = [], []
-        for rep in range(args.reps):
-            ceiling.append(ceiling_rate(infer, batches))
-            result = run_extract(cfg(f"run{rep}.h5", [str(work / "img")]))
-            extract.append(result.done_now / result.seconds)
-            if rep == 0:
-                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                print(f"extract summary: {result.summary()}")
+        rates = {}
+        for precision in names:
+            rates[precision] = time_precision(work, paths, batches, args, precision)
+        ceiling, extract = rates["float32"]
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         del arrays, batches
         import keras
 
@@ -120,6 +143,16 @@ def main() -> None:
         print(f"extract: {max(extract):.2f} img/s (runs {', '.join(f'{e:.2f}' for e in extract)})")
         print(f"peak memory (RSS, after the first extract): {peak_mb:.0f} MB")
         print(f"extract / naive loop: {max(extract) / naive:.2f}x (target >= 3)")
+        if "mixed_bfloat16" in rates:
+            bf_ceiling, bf_extract = rates["mixed_bfloat16"]
+            print(f"[mixed_bfloat16] extract / ceiling in bfloat16: {max(bf_extract) / max(bf_ceiling):.3f} "
+                  "(target >= 0.90)")
+            print(f"bfloat16 / float32 extract: {max(bf_extract) / max(extract):.2f}x img/s (ceilings "
+                  f"{max(bf_ceiling) / max(ceiling):.2f}x; target >= 2 on an AMX CPU)")
+        if args.smoke:
+            print("ray / local: not run in --smoke (Ray's start-up alone takes tens of seconds)")
+        else:  # --engine ray with 2 local workers vs the local engine on the same images as shards
+            ray_line(work, paths, size, args.batch_size)
         print(f"extract / ceiling: {max(extract) / max(ceiling):.3f} (target >= 0.90)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -38,11 +38,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from base.devices import choose_strategy  # noqa: E402
+from beam.graph_sampling import graph_sample_search  # noqa: E402
 from data.tokenizer import tokenize  # noqa: E402
 from decoder.config import ModelConfig  # noqa: E402
 from decoder.model import build_decoder  # noqa: E402
 from decoder.train.config import TrainConfig  # noqa: E402
-from decoder.train.scst import ScstConfig, ScstTrainable, sample_captions  # noqa: E402
+from decoder.train.scst import ScstConfig, ScstTrainable  # noqa: E402
 from decoder.train.scst_data import CiderReward  # noqa: E402
 from decoder.train.step import DecoderTrainable, TrainStep  # noqa: E402
 
@@ -138,8 +139,9 @@ class Parts:
         self.batch = {"features": tf.constant(rng.normal(size=(sz.images, D)), tf.float32),
                       "image_index": tf.constant(rng.choice(len(refs), sz.images, replace=False), tf.int32),
                       "global_words": tf.constant(1.0)}
-        self.sample = tf.function(lambda f, seed: sample_captions(model, f, sz.samples, sz.max_length, START,
-                                                                  END, seed))
+        self.sample = tf.function(lambda f, seed: graph_sample_search(
+            model.initial_state(f), model.step, start_id=START, end_id=END, num_samples=sz.samples,
+            max_length=sz.max_length, seed=seed))
         self.forward = tf.function(self.trainable.reinforce_sums)
         self.backward = tf.function(self._grads)
         self.calls = 0

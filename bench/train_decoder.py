@@ -2,8 +2,11 @@
 
   1. captions/s of the real train step (pipeline + `decoder.train` step: SGD, clip, bucketing, logits only
      at real positions) on real-length captions (COCO val2017 caption lengths when ../shared/data exists);
-  2. model FLOP utilisation = that step's useful FLOP/s (real words only) / this machine's dense float32
-     matmul FLOP/s measured in the same run;
+  2. model FLOP utilisation = that step's useful FLOP/s (real words only) / this machine's dense matmul
+     FLOP/s in the step's own precision, measured in the same run;
+  1-2 run in float32 and, on a CPU with native bfloat16 (AMX / AVX512-BF16; bench/machine.py), again under
+     the mixed_bfloat16 policy, with both matmul rates (both denominators) and the bfloat16 / float32
+     captions/s ratio; a CPU without native bfloat16 says so and skips the bfloat16 lines;
   3. captions/s of an im2txt-style step (frozen InceptionV3 on the batch's 299 px images, then the same
      decoder step) and the cache speed-up;
   4. peak memory of a process holding a 120k-image float16 store in memory (synthetic);
@@ -37,8 +40,9 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from machine import compute_dtype, matmul_rate, precisions  # noqa: E402  (bench/, the script's folder)
 
-from base.devices import choose_strategy  # noqa: E402
+from base.devices import choose_strategy, dtype_policy  # noqa: E402
 from data.features import create_store  # noqa: E402
 from data.pipeline import FeatureSource, PairBatches, PairSet, PipelineConfig  # noqa: E402
 from decoder.config import ModelConfig  # noqa: E402
@@ -110,15 +114,6 @@ def step_flops(mask: np.ndarray, batch: int, sz: Sizes) -> float:
     return image + lstm + logits
 
 
-def matmul_rate(f, a, reps: int = 4) -> float:
-    """Dense float32 matmul FLOP/s of `reps` [n, n] @ [n, n] products."""
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = f(a, a)
-    out.numpy()
-    return 2 * a.shape[0] ** 3 * reps / (time.perf_counter() - t)
-
-
 def decoder_steps(step: TrainStep, batches, plan, start: int, n: int,
                   sz: Sizes) -> tuple[float, float, float]:
     """Run n train steps from plan[start]: (seconds, captions, useful FLOPs)."""
@@ -142,22 +137,45 @@ def make_batches(step: TrainStep, source: PairBatches, n: int):
     return iter(dist), plan
 
 
+def build_step(sz: Sizes, precision: str) -> TrainStep:
+    """The train step of a fresh decoder (seed 0) in `precision` (call under its dtype policy)."""
+    config = TrainConfig(batch_size=sz.batch, steps=1, precision=precision)
+    strategy = choose_strategy()
+    with strategy.scope():
+        trainable = DecoderTrainable(build_decoder(
+            ModelConfig(vocab_size=sz.vocab, embedding_size=sz.embed, lstm_units=sz.units, feature_dim=D),
+            seed=0))
+        return TrainStep(trainable, config, strategy, decay_steps=0)
+
+
+def report_precision(step: TrainStep, batches, plan, rounds: int, sz: Sizes, precision: str) -> float:
+    """Time the step in `precision` against the matmul of its own dtype; print the lines; captions/s."""
+    dtype = compute_dtype(precision)
+    mfu, caps_s, flops_s, peak = time_decoder(step, batches, plan, rounds, sz, dtype)
+    other = "bfloat16" if dtype == "float32" else "float32"
+    print(f"[{precision}] dense matmul ({sz.matmul}^3), best of the run: {peak / 1e9:.1f} GFLOP/s {dtype}; "
+          f"{max(matmul_rate(sz.matmul, other) for _ in range(3)) / 1e9:.1f} GFLOP/s {other} (the other "
+          "denominator)")
+    print(f"[{precision}] decoder train step from the cache, best round: {caps_s:.1f} captions/s, "
+          f"{flops_s / 1e9:.1f} useful GFLOP/s (real words only)")
+    print(f"[{precision}] model FLOP utilisation (decoder step / {dtype} dense matmul, median of {rounds} "
+          f"interleaved rounds): {mfu:.3f} (target >= 0.70)")
+    return caps_s
+
+
 WARMUP, PER_ROUND, IM2TXT_ROUNDS = 5, 4, 3  # train steps: warm-up, per timing round; im2txt-style pairs
 
 
-def time_decoder(step: TrainStep, batches, plan, rounds: int, sz: Sizes):
+def time_decoder(step: TrainStep, batches, plan, rounds: int, sz: Sizes, dtype: str = "float32"):
     """Interleaved rounds: matmul, PER_ROUND train steps, matmul. Returns (median MFU over rounds, best
     captions/s, best useful FLOP/s, best matmul FLOP/s); each round's MFU divides by the mean of the two
-    matmul rates measured right around it (the machine is shared and noisy)."""
-    a = tf.random.normal([sz.matmul, sz.matmul])
-    mm = tf.function(lambda x, y: tf.matmul(x, y))
-    mm(a, a).numpy()
+    `dtype` matmul rates measured right around it (the machine is shared and noisy)."""
     i, ratios, best = WARMUP, [], [0.0, 0.0, 0.0]
     decoder_steps(step, batches, plan, 0, i, sz)  # warm-up
     for _ in range(rounds):
-        before = matmul_rate(mm, a, 2)
+        before = matmul_rate(sz.matmul, dtype)
         dt, caps, flops = decoder_steps(step, batches, plan, i, PER_ROUND, sz)
-        after = matmul_rate(mm, a, 2)
+        after = matmul_rate(sz.matmul, dtype)
         i += PER_ROUND
         ratios.append(flops / dt / ((before + after) / 2))
         best = [max(best[0], caps / dt), max(best[1], flops / dt), max(best[2], before, after)]
@@ -257,21 +275,21 @@ def main() -> None:
         print(f"setup{' (smoke)' if args.smoke else ''}: vocab {sz.vocab}, embedding {sz.embed}, "
               f"lstm {sz.units}, batch {sz.batch}, caption lengths from {where}, "
               f"{tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads")
-        config = TrainConfig(batch_size=sz.batch, steps=1)
-        strategy = choose_strategy()
-        with strategy.scope():
-            trainable = DecoderTrainable(build_decoder(
-                ModelConfig(vocab_size=sz.vocab, embedding_size=sz.embed, lstm_units=sz.units, feature_dim=D),
-                seed=0))
-            step = TrainStep(trainable, config, strategy, decay_steps=0)
+        names, cpu_line = precisions()
+        print(cpu_line)
         im2txt_start = WARMUP + args.rounds * PER_ROUND
-        batches, plan = make_batches(step, source, im2txt_start + IM2TXT_ROUNDS * (1 + PER_ROUND))
-        mfu, caps_s, flops_s, peak = time_decoder(step, batches, plan, args.rounds, sz)
-        print(f"dense matmul ({sz.matmul}^3 float32), best of the run: {peak / 1e9:.1f} GFLOP/s")
-        print(f"decoder train step from the cache, best round: {caps_s:.1f} captions/s, "
-              f"{flops_s / 1e9:.1f} useful GFLOP/s (real words only)")
-        print(f"model FLOP utilisation (decoder step / dense matmul, median of {args.rounds} interleaved "
-              f"rounds): {mfu:.3f} (target >= 0.70)")
+        rates = {}
+        for precision in names:  # float32 first: its step, batches and plan go on to the im2txt comparison
+            with dtype_policy(precision):
+                step = build_step(sz, precision)
+                batches, plan = make_batches(step, source, im2txt_start + IM2TXT_ROUNDS * (1 + PER_ROUND))
+                rates[precision] = report_precision(step, batches, plan, args.rounds, sz, precision)
+            if precision == "float32":
+                kept = step, batches, plan
+        if len(rates) > 1:
+            ratio = rates["mixed_bfloat16"] / rates["float32"]
+            print(f"bfloat16 / float32 training: {ratio:.2f}x captions/s (target >= 1.5 on an AMX CPU)")
+        step, batches, plan = kept
         speedup, im2txt = time_im2txt(step, batches, plan, im2txt_start, sz)
         print(f"im2txt-style step (frozen InceptionV3 at {sz.cnn_px} px + the same decoder step), best: "
               f"{im2txt:.2f} captions/s")

@@ -13,6 +13,9 @@ Supported formats (`fmt`):
   `filepath/filename` (coco) or `filename` (flickr); its "split" field is used ("restval" counts as train).
 - "flickr8k": `Flickr8k.token.txt` (`name.jpg#k<TAB>caption`) with `Flickr_8k.{train,dev,test}Images.txt`
   looked up next to it (dev = val). A stray id like `x.jpg.1#0` is mapped back to `x.jpg` (noted).
+- "webdataset" / "parquet": img2dataset shards (`shards/*.tar`, `shards/{00000..00099}.tar`, `*.parquet`;
+  auto-detected from the `.tar` / `.parquet` suffix): captions from `txt` (and a json `caption` field),
+  paths = row keys `<shard stem>/<sample key>` (data/shards.py). No own split: `hash` by image id.
 
 Flickr images have no dataset id: `data.records.flickr_image_id` derives one from the file name (see there).
 Bad entries (empty caption, caption of an unknown image, image without captions, non-UTF-8 line) are
@@ -25,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from base.errors import InputError
-from data import formats, splits
-from data.formats import FORMATS
+from data import formats, shards, splits
+from data.formats import FORMATS, SHARD_FORMATS
 from data.records import ImageRecord, check_unique
 from data.splits import SPLITS
 
@@ -38,7 +41,7 @@ class Annotations:
     """All records of one load, with where they came from and what was skipped."""
 
     records: list[ImageRecord]  # in file order (files in the order given)
-    format: str  # "coco" | "karpathy" | "flickr8k"
+    format: str  # "coco" | "karpathy" | "flickr8k" | "webdataset" | "parquet"
     sources: list[str]  # the annotation files read
     scheme: str  # split scheme applied: "karpathy" | "file" (the file's own) | "im2txt" | "hash" | "none"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry, reason) of each skipped entry
@@ -72,7 +75,7 @@ class Annotations:
 
 
 def load_annotations(
-    paths: str | Path | Sequence[str | Path], fmt: str = "auto", split_scheme: str = "auto"
+    paths: str | Path | Sequence[str | Path], fmt: str = "auto", split_scheme: str = "auto", columns=None
 ) -> Annotations:
     """Read caption files of one format, validate them and assign splits.
 
@@ -80,6 +83,7 @@ def load_annotations(
       paths: one file or a sequence of files (e.g. COCO 2014 train + val captions).
       fmt: "auto" (detected from content) or one of FORMATS to force it.
       split_scheme: one of data.splits.SPLIT_SCHEMES.
+      columns: parquet shards only: data.shards.ShardColumns (None: img2dataset's jpg/txt/key).
     Returns:
       Annotations. Raises InputError (one sentence naming the file/entry) on a bad file or argument.
     """
@@ -92,11 +96,7 @@ def load_annotations(
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     if not paths:
         raise InputError("No caption file given.")
-    reads, formats_seen = [], []
-    for p in paths:
-        file_fmt, payload = formats.parse(Path(p), formats.read_source(Path(p)), fmt)
-        formats_seen.append(file_fmt)
-        reads.append(formats.READERS[file_fmt](Path(p), payload))
+    reads, formats_seen = _read_all(paths, fmt, columns)
     if len(set(formats_seen)) > 1:
         listing = ", ".join(f"{p} is {f}" for p, f in zip(paths, formats_seen, strict=True))
         raise InputError(f"Caption files of different formats cannot be mixed ({listing}).")
@@ -110,3 +110,17 @@ def load_annotations(
     own = all(r.own_split for r in reads)
     records, scheme, dropped = splits.assign_splits(records, formats_seen[0], split_scheme, own, paths)
     return Annotations(records, formats_seen[0], [str(p) for p in paths], scheme, skipped + dropped, notes)
+
+
+def _read_all(paths: list, fmt: str, columns) -> tuple[list[formats.FileRead], list[str]]:
+    """(one FileRead per file, its format); shard patterns (by --format or the .tar/.parquet suffix) are
+    read together as one source by data.shards."""
+    if fmt in SHARD_FORMATS or (fmt == "auto" and all(shards.is_shard_pattern(p) for p in paths)):
+        read = shards.read_captions([str(p) for p in paths], None if fmt == "auto" else fmt, columns)
+        return [read], [shards.expand_shards([str(p) for p in paths])[0] if fmt == "auto" else fmt]
+    reads, formats_seen = [], []
+    for p in paths:
+        file_fmt, payload = formats.parse(Path(p), formats.read_source(Path(p)), fmt)
+        formats_seen.append(file_fmt)
+        reads.append(formats.READERS[file_fmt](Path(p), payload))
+    return reads, formats_seen

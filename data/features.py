@@ -3,6 +3,11 @@
 Layout (N rows, one per image; V views; D = 2048):
   /features  float16 (default) or float32, [N, D] (V == 1) or [N, V, D]; chunked by rows; view 0 is the
              eval (central-crop) view, views 1..V-1 are training-style distortions.
+  /grid      only in stores written by `extract --grid`: the CNN's last spatial map (InceptionV3 Mixed_7c),
+             same dtype, [N, h, w, D] or [N, V, h, w, D], one image per chunk, Fletcher32; the /features row
+             of an image is the mean of its grid over h and w. attr grid_shape = [h, w] ([] without a grid).
+             An extension of version 1: stores without /grid read as before, and a reader that does not
+             know /grid still reads /features of a grid store.
   /keys      utf-8 [N]  image path relative to its images root (the identity of a row)
   /image_ids int64 [N]  dataset image id, -1 when unknown
   /ok        bool  [N]  the row holds real features (False: failed, or not yet written)
@@ -18,6 +23,10 @@ After that a run only overwrites pre-allocated raw data and then bumps the scala
 write: rows below `rows_done` are final, rows above it are redone on resume. Before writing, a commit
 records the end of its rows in the attr `rows_writing`; reopening an incomplete store for writing reseals
 the checksums of the chunks of rows [rows_done, rows_writing) that a kill may have torn (data.integrity).
+
+Row identities: the attr `rows_sha256` (data.integrity.rows_digest of /keys and /image_ids, in order) is
+recorded at creation; opening a store recomputes it (one pass over /keys) and refuses a mismatch, and a key
+listed twice, so edited or swapped keys never attach features or captions to the wrong images.
 
 Integrity (data.integrity): stores written since checksums were added carry an HDF5 Fletcher32 checksum on
 every chunk of /features, /image_ids, /ok and /errors (same format version: older stores, without
@@ -35,15 +44,16 @@ import numpy as np
 
 from base.atomic import atomic_path
 from base.errors import InputError
-from data.integrity import damaged_rows, nonfinite_rows, reseal
+from data.integrity import damaged_rows, nonfinite_rows, reseal, rows_digest, rows_problem
 
 FORMAT_NAME = "showtell-features"
 FORMAT_VERSION = 1
 ERROR_WIDTH = 240  # bytes of utf-8 kept per /errors entry
-JSON_ATTRS = ("cnn", "run")
+JSON_ATTRS = ("cnn", "run", "grid_shape")
 CHUNK_BYTES = 1 << 20
-RESEALED = ("features", "ok", "errors")  # the datasets a commit writes (resealed after a torn write)
+RESEALED = ("features", "grid", "ok", "errors")  # the datasets a commit writes (resealed after a torn write)
 REDO = "extract it again (delete it and rerun the extract command)"
+ROWS_DIGEST = "rows_sha256"  # attr: data.integrity.rows_digest of /keys + /image_ids, recorded at creation
 
 
 def _fsync(f: h5py.File) -> None:
@@ -107,11 +117,13 @@ def _check_format(f: h5py.File, path) -> None:
         )
 
 
-def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, attrs: dict):
+def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, attrs: dict,
+                 grid: tuple[int, int] | None = None):
     """Create a pre-allocated, zero-filled store at `path` (atomically) and open it for writing.
 
     keys: list[str] [N]; image_ids: int [N]; dtype "float16" | "float32"; attrs: extra static attrs (dicts
-    are stored as JSON). Returns a `StoreWriter` with rows_done == 0. OSError (e.g. disk full) propagates.
+    are stored as JSON); grid: (h, w) to also hold the spatial grid /grid (None: pooled features only).
+    Returns a `StoreWriter` with rows_done == 0. OSError (e.g. disk full) propagates.
     """
     path = Path(path)
     n = len(keys)
@@ -129,6 +141,10 @@ def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, att
                 "features", shape, dtype=dtype, chunks=(chunk_rows,) + shape[1:], fillvalue=0,
                 fill_time="alloc", dcpl=_early(), fletcher32=True,
             )
+            if grid:
+                cells = shape[:1] + shape[1:-1] + tuple(int(g) for g in grid) + (dim,)
+                f.create_dataset("grid", cells, dtype=dtype, chunks=(1,) + cells[1:], fillvalue=0,
+                                 fill_time="alloc", dcpl=_early(), fletcher32=True)
             f.create_dataset("keys", data=list(keys), dtype=h5py.string_dtype("utf-8"))
             f.create_dataset("image_ids", data=ids, fletcher32=True)
             f.create_dataset("ok", (n,), dtype=bool, chunks=(_chunk_rows(n, 1),), fillvalue=False,
@@ -138,7 +154,8 @@ def create_store(path, keys, image_ids, *, dim: int, views: int, dtype: str, att
                 chunks=(_chunk_rows(n, ERROR_WIDTH),), dcpl=_early(), fletcher32=True,
             )
             base = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dtype,
-                    "views": views, "dim": dim, "n_rows": n}
+                    "views": views, "dim": dim, "n_rows": n, ROWS_DIGEST: rows_digest(keys, ids),
+                    "grid_shape": [int(g) for g in grid] if grid else []}
             for name, value in {**attrs, **base}.items():
                 f.attrs[name] = _attr_value(value)
             f.attrs["rows_done"] = np.int64(0)
@@ -202,7 +219,7 @@ class StoreWriter(_OpenFile):
         """Reseal the chunks of rows [rows_done, rows_writing) (a commit a kill interrupted)."""
         start = self.rows_done
         stop = int(self._f.attrs["rows_writing"]) if self._track else start
-        fixed = sum(reseal(self._f[name], start, stop) for name in RESEALED)
+        fixed = sum(reseal(self._f[name], start, stop) for name in RESEALED if name in self._f)
         if fixed:
             _fsync(self._f)
         return fixed
@@ -212,11 +229,19 @@ class StoreWriter(_OpenFile):
         """Rows committed so far (0..N)."""
         return int(self._f.attrs["rows_done"])
 
-    def commit(self, start: int, features: np.ndarray, ok, errors) -> None:
+    @property
+    def has_grid(self) -> bool:
+        """True when the store holds /grid (extract --grid): every commit must then give the grids."""
+        return "grid" in self._f
+
+    def commit(self, start: int, features: np.ndarray, ok, errors, grid: np.ndarray | None = None) -> None:
         """Write rows [start, start+n) then advance rows_done to start+n (the commit point).
 
-        features: float [n, D] or [n, V, D]; ok: bool [n]; errors: list[str] [n]. start must equal rows_done.
+        features: float [n, D] or [n, V, D]; ok: bool [n]; errors: list[str] [n]; grid: float [n, h, w, D] or
+        [n, V, h, w, D], required exactly when the store has /grid. start must equal rows_done.
         """
+        if (grid is None) == self.has_grid:
+            raise ValueError("commit: grids must be given exactly when the store holds /grid")
         if start != self.rows_done:
             raise ValueError(f"commit at row {start} but rows_done is {self.rows_done}")
         end = start + len(ok)
@@ -225,6 +250,8 @@ class StoreWriter(_OpenFile):
             f.attrs.modify("rows_writing", np.int64(end))
             _fsync(f)
         f["features"][start:end] = np.asarray(features).astype(f["features"].dtype, copy=False)
+        if grid is not None:
+            f["grid"][start:end] = np.asarray(grid).astype(f["grid"].dtype, copy=False)
         f["ok"][start:end] = np.asarray(ok, dtype=bool)
         f["errors"][start:end] = encode_errors(errors)
         _fsync(f)
@@ -265,9 +292,14 @@ class FeatureStore(_OpenFile):
         self.dim = int(shape[-1])
         self.views = 1 if len(shape) == 2 else int(shape[1])
         self.dtype = np.dtype(f["features"].dtype)
+        # (h, w) of /grid (stores written by extract --grid), None for a pooled-only store
+        self.grid_shape = tuple(int(g) for g in f["grid"].shape[-3:-1]) if "grid" in f else None
         self.rows_done = int(self.attrs.get("rows_done", 0))
         self.complete = bool(self.attrs.get("complete", False)) and self.rows_done == len(self.keys)
         self.cnn = dict(self.attrs.get("cnn") or {})
+        why = rows_problem(self.keys, self.image_ids, self.attrs.get(ROWS_DIGEST))
+        if why:  # edited or swapped keys would put features, and captions, on the wrong images
+            raise InputError(f"feature store {self.path} {why}; {REDO}.")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -290,9 +322,21 @@ class FeatureStore(_OpenFile):
         """Features in the stored dtype: [n, D] or [n, V, D]; rows = None (all) or int indices (any order).
 
         InputError when a chunk fails its checksum or a value is NaN/Inf (named by file, row and key)."""
-        dset = self._f["features"]
+        return self._values("features", rows)
+
+    def read_grid(self, rows=None) -> np.ndarray:
+        """Grids in the stored dtype: [n, h, w, D] or [n, V, h, w, D]; rows as `read_features`, checked the
+        same way. InputError when the store has no grid (it was extracted without --grid)."""
+        if self.grid_shape is None:
+            raise InputError(f"feature store {self.path} holds no grid (pooled features only): extract it "
+                             "with --grid for an attention model.")
+        return self._values("grid", rows)
+
+    def _values(self, name: str, rows) -> np.ndarray:
+        """Dataset `name` ("features" | "grid") at `rows` (None: all), checksums and finite values checked."""
+        dset = self._f[name]
         if rows is None:
-            values, index = self._read("features"), None
+            values, index = self._read(name), None
         else:
             rows = np.asarray(rows, dtype=np.int64).reshape(-1)
             if rows.size == 0:
@@ -300,18 +344,19 @@ class FeatureStore(_OpenFile):
             if rows.min() < 0 or rows.max() >= dset.shape[0]:
                 raise IndexError(f"row index out of range 0..{dset.shape[0] - 1}")
             index, inverse = np.unique(rows, return_inverse=True)
-            values = self._read("features", index)
+            values = self._read(name, index)
         bad = nonfinite_rows(values)
         if len(bad):
             first = int(bad[0] if index is None else index[bad[0]])
-            raise InputError(f"feature store {self.path} holds non-finite feature values (NaN or Inf) in "
+            what = "grid" if name == "grid" else "feature"
+            raise InputError(f"feature store {self.path} holds non-finite {what} values (NaN or Inf) in "
                              f"{len(bad)} row(s), e.g. row {first} ({self.keys[first]}): the file is "
                              f"damaged; {REDO}.")
         return values if index is None else values[inverse]
 
-    def nbytes_in_memory(self) -> int:
-        """Bytes needed to hold all features in memory in the stored dtype."""
-        return int(np.prod(self._f["features"].shape)) * self.dtype.itemsize
+    def nbytes_in_memory(self, name: str = "features") -> int:
+        """Bytes needed to hold all of /features (or /grid) in memory in the stored dtype."""
+        return int(np.prod(self._f[name].shape)) * self.dtype.itemsize
 
 
 def _check_complete(f: h5py.File, path) -> None:

@@ -4,7 +4,9 @@
 it, and `READERS[format]` turns the parsed content into records. Each reader takes the file's path and its
 parsed content and returns a `FileRead`: records in file order with `split` = the file's own split (None
 where the file gives none), a label per record for messages, skipped entries and repairs. Entry labels look
-like `captions.json: annotations[17]` or `Flickr8k.token.txt: line 6731`.
+like `captions.json: annotations[17]` or `Flickr8k.token.txt: line 6731`. The two img2dataset shard
+formats (webdataset tars, parquet) are in FORMATS too but read by `data.shards.read_captions` (they are
+many large files, streamed, not one file's bytes).
 """
 
 import json
@@ -15,7 +17,8 @@ from pathlib import Path
 from base.errors import InputError
 from data.records import ImageRecord, fits_int64, flickr_image_id, safe_relpath
 
-FORMATS = ("coco", "karpathy", "flickr8k")  # the keys of READERS, in this order
+FORMATS = ("coco", "karpathy", "flickr8k", "webdataset", "parquet")  # READERS' keys + SHARD_FORMATS
+SHARD_FORMATS = ("webdataset", "parquet")  # img2dataset shards: read by data.shards, not by READERS
 
 # Own split names as files write them -> ours. Karpathy's "restval" is training data; Flickr's "dev" is val.
 _SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}

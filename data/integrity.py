@@ -4,7 +4,10 @@ New stores carry a Fletcher32 checksum on every chunk of /features, /image_ids, 
 `fletcher32=True`; /keys holds variable-length strings, which HDF5 cannot filter). HDF5 verifies it on every
 read and fails with "filter returned failure during read": `damaged_rows` turns that into the row range of
 the first chunk that fails, for a message naming the file and the rows. `nonfinite_rows` finds NaN/Inf
-values (also in stores written before checksums existed).
+values (also in stores written before checksums existed); `nonfinite_weights` does the same for model
+weights (import-im2txt, every model-dir read). `rows_digest` fingerprints the row identities (/keys with
+/image_ids, in order): recorded when a store is created and checked when it is opened, so swapped or
+edited keys are refused instead of captions landing on the wrong images.
 
 A kill -9 in the middle of a chunk write leaves the chunk with a stale checksum even though every committed
 row in it is intact (a torn write holds old or new bytes, and committed bytes are the same in both), and
@@ -14,6 +17,8 @@ HDF5 refuses the read-modify-write a resumed run needs. `reseal` recomputes the 
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import h5py
 import numpy as np
@@ -90,3 +95,47 @@ def nonfinite_rows(values: np.ndarray) -> np.ndarray:
     bad = [start + np.nonzero(~np.isfinite(flat[start:start + block]).all(axis=1))[0]
            for start in range(0, len(flat), block)]
     return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64)
+
+
+def nonfinite_weights(named) -> list[tuple[str, int]]:
+    """[(name, number of NaN/Inf values)] of the float arrays in `named` (iterable of (name, array-like) —
+    model weights, checkpoint tensors) that hold any; [] when all are finite."""
+    bad = []
+    for name, values in named:
+        arr = np.asarray(values)
+        if arr.dtype.kind in "fc" and arr.size:
+            count = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if count:
+                bad.append((name, count))
+    return bad
+
+
+def describe_nonfinite(bad: list[tuple[str, int]]) -> str:
+    """"NaN/Inf values: 3 in lstm/kernel, 1 in logits/bias" (at most three names) for an error message."""
+    parts = ", ".join(f"{count} in {name}" for name, count in bad[:3])
+    return f"NaN/Inf values: {parts}" + (f" and {len(bad) - 3} more variable(s)" if len(bad) > 3 else "")
+
+
+def rows_digest(keys, image_ids) -> str:
+    """Hex SHA-256 of a store's row identities: "<key>\\t<image id>\\n" per row, in row order (keys: str [N],
+    image_ids: int [N]). extract's run identity ("inputs") is the same digest of the unsharded row list."""
+    digest = hashlib.sha256()
+    for key, image_id in zip(keys, image_ids, strict=True):
+        digest.update(f"{key}\t{int(image_id)}\n".encode())
+    return digest.hexdigest()
+
+
+def rows_problem(keys, image_ids, recorded: str | None) -> str:
+    """Why a store's row identities cannot be trusted, "" when they can: a key listed twice in `keys` (str
+    [N]), or `rows_digest(keys, image_ids)` differing from the `recorded` one (None: a store written before
+    the digest existed, checked for duplicates only). One pass over the keys."""
+    seen: dict = {}
+    for row, key in enumerate(keys):
+        if key in seen:
+            return (f"lists the key {key!r} twice (rows {seen[key]} and {row}): its /keys are damaged or "
+                    "were edited")
+        seen[key] = row
+    if recorded and rows_digest(keys, image_ids) != recorded:
+        return ("has /keys and /image_ids that are not the rows it was written with (their digest differs), "
+                "so features would be matched to the wrong images: the file was edited or damaged")
+    return ""

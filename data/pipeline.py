@@ -146,31 +146,46 @@ def available_memory() -> int:
 
 class FeatureSource:
     """Per-row features of the store: an in-memory array when it fits, else streamed from the h5 file.
+    With `grid` the rows are the store's grids (extract --grid) as L = h*w cells: [L, D] per view.
 
     Every read is checked by the store (chunk checksums, NaN/Inf: data.features), all rows at once when held
     in memory, per batch when streamed. A streamed batch that fails keeps its InputError in `self.error`:
     tf.data wraps exceptions raised inside its generator, so the caller re-raises this one."""
 
-    def __init__(self, store, config: PipelineConfig, log=print):
-        self.store, self.error = store, None
+    def __init__(self, store, config: PipelineConfig, log=print, grid: bool = False):
+        self.store, self.error, self.grid = store, None, grid
         self.views = int(store.views)
-        need = int(store.nbytes_in_memory())
+        if grid and store.grid_shape is None:
+            store.read_grid([0])  # the InputError naming the pooled-only store
+        cells = int(np.prod(store.grid_shape)) if grid else 0
+        self.item_shape = (cells, int(store.dim)) if grid else (int(store.dim),)  # one view of one row
+        need = int(store.nbytes_in_memory("grid" if grid else "features"))
         fits = need <= config.memory_fraction * available_memory()
         self.in_memory = config.in_memory == "yes" or (config.in_memory == "auto" and fits)
-        self.array = store.read_features() if self.in_memory else None
+        self.array = self._read(None) if self.in_memory else None
         how = "held in memory" if self.in_memory else "streamed from the file (they do not fit in memory)"
         if config.in_memory == "no":
             how = "streamed from the file (--no in-memory)"
-        log(f"features: {len(store.keys)} rows x {store.views} view(s) x {store.dim} ({store.dtype}), "
+        what = f"grids: {len(store.keys)} rows x {store.views} view(s) x {cells} cells" if grid else \
+            f"features: {len(store.keys)} rows x {store.views} view(s)"
+        log(f"{what} x {store.dim} ({store.dtype}), "
             f"{need / 2**20:.0f} MiB, {how}")
 
+    def _read(self, rows):
+        """Store rows (None: all) as [n, (V,) *item_shape] in the stored dtype."""
+        if not self.grid:
+            return self.store.read_features(rows)
+        values = self.store.read_grid(rows)
+        return values.reshape(values.shape[:-3] + self.item_shape)
+
     def rows(self, rows: np.ndarray) -> np.ndarray:
-        """rows: int64 [b] (any order, repeats allowed) -> features [b, D] or [b, V, D] (stored dtype)."""
+        """rows: int64 [b] (any order, repeats allowed) -> features [b, D] or [b, V, D] (grid: [b, L, D] or
+        [b, V, L, D]) in the stored dtype."""
         if self.array is not None:
             return self.array[rows]
         uniq, inverse = np.unique(rows, return_inverse=True)
         try:
-            return np.asarray(self.store.read_features(uniq))[inverse]
+            return np.asarray(self._read(uniq))[inverse]
         except InputError as err:
             self.error = err
             raise
@@ -228,14 +243,19 @@ class PairBatches:
         depend on the replica layout."""
         rows = np.arange(len(pair_idx)) if rows is None else np.asarray(rows)
         feats = self.features.rows(self.pairs.rows[pair_idx[rows]])
-        if feats.ndim == 3:
+        if feats.ndim == 2 + len(self.item_shape()):  # [k, V, ...]: one view per example
             views = rng.integers(0, feats.shape[1], len(pair_idx))[rows] if rng is not None else 0
             feats = feats[np.arange(len(rows)), views]
         return {"features": feats.astype(np.float32)}, np.ones(len(rows), bool)
 
     def input_spec(self) -> dict:
         """tf.TensorSpec of the inputs `load_inputs` returns."""
-        return {"features": tf.TensorSpec([None, self.features.store.dim], tf.float32)}
+        return {"features": tf.TensorSpec([None, *self.item_shape()], tf.float32)}
+
+    def item_shape(self) -> tuple:
+        """The features of one example: (D,) pooled, (L, D) grid cells (FeatureSource.item_shape; a source
+        without one has pooled rows of its store's width)."""
+        return tuple(getattr(self.features, "item_shape", None) or (self.features.store.dim,))
 
     def element_spec(self) -> dict:
         """tf.TensorSpec of one element (see the class docstring)."""

@@ -9,19 +9,22 @@ side by side (same beam search): BLEU-4, CIDEr and the caption-accuracy line.
 
 Rerunning in the same workdir resumes: the data is regenerated only when missing, extract, train-decoder and
 train-scst continue (or find their work done), caption and evaluate run again. A workdir made with other demo
-settings (or `--fresh`) is cleaned first: only the files the demo writes are removed.
+settings (or `--fresh`) is cleaned first: only the files the demo writes are removed. A folder without the
+demo's marker (demo.json) is never cleaned: `--fresh` there, or demo names in it, are refused.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from base.atomic import atomic_write_json
 from base.errors import InputError
+from base.invocation import command_line
+from base.outputs import DEMO_MARKER, DEMO_OWNED, check_demo_workdir
 from beam import SearchConfig
 from data.captions import load_annotations
 from data.pipeline import PipelineConfig
@@ -32,11 +35,11 @@ from decoder.train.config import TrainConfig
 from decoder.train.scst import ScstConfig, scst_recipe, train_scst
 from decoder.train.train_decoder import DataConfig, train_decoder
 from evaluation.shapes import caption_accuracy
+from extract.inputs import check_output_dir
 from extract.run import ExtractConfig, run_extract
 
-DEMO_FILE = "demo.json"  # the settings of the demo that made a workdir
-OWNED = ("shapes", "features.h5", "model", "eval", "model-scst", "eval-scst", "report.html",
-         DEMO_FILE)  # what the demo writes
+DEMO_FILE = DEMO_MARKER  # the settings of the demo that made a workdir: the mark of a demo's workdir
+OWNED = DEMO_OWNED  # what the demo writes (and --fresh removes)
 
 
 @dataclass
@@ -88,10 +91,14 @@ class DemoResult:
 
 
 def _prepare(workdir: Path, cfg: DemoConfig, fresh: bool, echo) -> None:
-    """Create the workdir; clean the demo's own files when asked or when they came from other settings."""
+    """Create the workdir; clean the demo's own files when asked or when they came from other settings.
+    A folder that never held a demo is refused when it holds files by the demo's names, or with --fresh
+    (base.outputs.check_demo_workdir): the demo removes and replaces only what a demo wrote."""
     settings = asdict(cfg)
+    check_demo_workdir(workdir, fresh)
+    check_output_dir(workdir, "--workdir")
     marker = workdir / DEMO_FILE
-    old = json.loads(marker.read_text()) if marker.is_file() else None
+    old = json.loads(marker.read_text()) if marker.is_file() else None  # check_demo_workdir: readable
     if fresh or (old is not None and old != settings):
         echo(f"# cleaning {workdir} ({'--fresh' if fresh else 'it holds a demo with other settings'})")
         for name in OWNED:
@@ -102,15 +109,14 @@ def _prepare(workdir: Path, cfg: DemoConfig, fresh: bool, echo) -> None:
                 path.unlink()
     elif old is not None:
         echo(f"# {workdir} holds this demo already: resuming (use --fresh to start over)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(settings, indent=1) + "\n")
+    atomic_write_json(marker, settings, indent=1)
 
 
 def _command(echo, title: str | None, *args) -> None:
-    """Print a step title (None: none) and its command line (shell-quoted)."""
+    """Print a step title (None: none) and its command line (shell-quoted, named as the user ran showtell)."""
     if title:
         echo(f"\n== {title}")
-    echo("$ python cli.py " + " ".join(shlex.quote(str(a)) for a in args))
+    echo(f"$ {command_line(*args)}")
 
 
 def run_demo(workdir="demo_run", cfg: DemoConfig | None = None, fresh: bool = False, progress: bool = True,
@@ -144,7 +150,7 @@ def run_demo(workdir="demo_run", cfg: DemoConfig | None = None, fresh: bool = Fa
              cfg.batch_size, "--optimizer", cfg.optimizer, "--learning-rate", cfg.learning_rate,
              "--feature-norm", "standardize", "--seed", cfg.seed)
     train = TrainConfig(batch_size=cfg.batch_size, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
-                        steps=cfg.steps, seed=cfg.seed)
+                        steps=cfg.steps, seed=cfg.seed, precision="auto")  # as the printed command line
     res = train_decoder(DataConfig(features=str(store), captions=[str(captions)]),
                         model_dir, train, embedding_size=cfg.embedding_size, lstm_units=cfg.lstm_units,
                         feature_norm="standardize", pipeline=PipelineConfig(), progress=progress, log=log)

@@ -23,6 +23,7 @@ import numpy as np
 
 from base.errors import InputError
 from base.locks import exclusive
+from data.integrity import describe_nonfinite, nonfinite_weights
 from data.vocab import Vocabulary
 from decoder.config import ModelConfig
 from decoder.model import build_decoder
@@ -122,6 +123,21 @@ def convert_decoder(reader: CheckpointReader, seed: int = 0):
     return model, config, [IMAGE_EMBEDDING, SEQ_EMBEDDING, *lstm, LOGITS_W, LOGITS_B]
 
 
+def check_finite(reader: CheckpointReader, model, lstm: tuple[str, str], encoder=None) -> None:
+    """InputError (before anything is written) when a converted weight of the decoder `model` or the
+    `encoder` (either may be None) holds NaN or Inf: such a model captions nothing (every word gets
+    p < 1e-12). Named by checkpoint variable (decoder) or Keras path (CNN)."""
+    named = [] if model is None else [
+        (IMAGE_EMBEDDING, model.image_embedding.kernel), (SEQ_EMBEDDING, model.seq_embedding.embeddings),
+        (lstm[0], model.lstm.kernel), (lstm[0], model.lstm.recurrent_kernel), (lstm[1], model.lstm.bias),
+        (LOGITS_W, model.logits.kernel), (LOGITS_B, model.logits.bias)]
+    named += [(f"{SCOPE} ({v.path})", v) for v in (encoder.weights if encoder is not None else [])]
+    bad = nonfinite_weights((name, np.asarray(var.numpy())) for name, var in named)
+    if bad:
+        raise InputError(f"The checkpoint {reader.prefix} holds {describe_nonfinite(bad)}: it is damaged or "
+                         "diverged; nothing was imported.")
+
+
 def check_names(reader: CheckpointReader, lstm: tuple[str, str], has_cnn: bool) -> list[str]:
     """InputError on a variable that is neither im2txt's nor skippable; returns the skipped names."""
     decoder = {IMAGE_EMBEDDING, SEQ_EMBEDDING, LOGITS_W, LOGITS_B, *lstm}
@@ -191,8 +207,10 @@ def _import(reader: CheckpointReader, vocab: Vocabulary, vocab_path, out_dir: Pa
         raise InputError(f"The checkpoint {reader.prefix} variable {IMAGE_EMBEDDING} has shape "
                          f"{[config.feature_dim, config.embedding_size]}, expected "
                          f"[{FEATURE_DIM}, {config.embedding_size}] (the InceptionV3 feature).")
-    encoder, cnn, cnn_used = _cnn(reader, has_cnn, cnn_weights, image_size)
     model, config, dec_used = convert_decoder(reader)
+    check_finite(reader, model, lstm)  # before the CNN is built
+    encoder, cnn, cnn_used = _cnn(reader, has_cnn, cnn_weights, image_size)
+    check_finite(reader, None, lstm, encoder)
     step = None
     if "global_step" in reader.shapes and reader.shapes["global_step"] == ():
         step = int(reader.get("global_step", (), dtype=np.int64))

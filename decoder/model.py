@@ -125,9 +125,10 @@ class ShowAndTell(keras.Model):
             self._step_impl, input_signature=[tf.TensorSpec([None], tf.int32), state_spec],
             reduce_retracing=True)
 
-    # ---- one LSTM step (shared by training, inference and the teacher-forced `call`) -----------------
+    # ---- one LSTM step, for the inference API (training and `call` run `lstm_sequence` instead) ---------
     def _cell(self, xw, h, c):
-        """One LSTM step. xw: [B, 4U] = x @ kernel + bias (compute dtype); h, c: [B, U]."""
+        """One LSTM step of `initial_state` / `step`. xw: [B, 4U] = x @ kernel + bias (compute dtype); h, c:
+        [B, U]. The same gates as `lstm_sequence`, which training and `call` use."""
         kernel_dtype = xw.dtype
         z = xw + tf.matmul(h, tf.cast(self.lstm.recurrent_kernel, kernel_dtype))
         i, f, g, o = tf.split(z, 4, axis=-1)

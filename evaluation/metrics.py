@@ -4,8 +4,13 @@
 `Spice()` (its constructor downloads Stanford CoreNLP): the PTB tokenizer over the references and over the
 results (the same `stanford-corenlp-3.4.1.jar` command and the same punctuation removal), then `Bleu(4)`,
 `Meteor()`, `Rouge()`, `Cider()` on the tokenized captions. The tokenizer and METEOR need `java` on the PATH;
-without it the captions are tokenized with `data.tokenizer.tokenize` (made to look like PTB output) and METEOR
+without it the captions are tokenized by `evaluation.ptb.fallback_tokenize` (PTB-like output) and METEOR
 is skipped, which the result's `notes` say. SPICE runs only when its CoreNLP jars are already present.
+
+Without pycocoevalcap (a plain `pip install showtell`, no "eval" extra) BLEU-1..4, ROUGE-L and CIDEr come
+from evaluation.scorers (the same numbers), captions are tokenized by the fallback tokenizer, and METEOR and
+SPICE (Java programs shipped inside pycocoevalcap) are skipped; the notes say so. `check_scoring` refuses,
+before any work, a request the installation cannot serve (`use_java=True` without java or pycocoevalcap).
 """
 
 from __future__ import annotations
@@ -14,25 +19,22 @@ import math
 import numbers
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from base.atomic import atomic_write_json
 from base.errors import InputError
-from data.tokenizer import tokenize
+from evaluation.ptb import fallback_tokenize, ptb_tokenize
+from evaluation.scorers import score_tokenized
 
 METRICS_FORMAT = "showtell-metrics"
 METRICS_VERSION = 1
 # COCO metric name (the key COCOEvalCap uses) -> the name printed in tables.
 DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                  "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
-PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 # What SPICE needs besides java: its jar plus the CoreNLP jars that get_stanford_models() would download.
 SPICE_FILES = ("spice-1.0.jar", "lib/stanford-corenlp-3.6.0.jar", "lib/stanford-corenlp-3.6.0-models.jar")
-# The fallback tokenizer maps brackets as PTB does (PTB's -LRB- is lower-cased, so COCO keeps "-lrb-").
-_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 
 
 @dataclass
@@ -44,10 +46,12 @@ class MetricsResult:
     tokenizer: str  # "ptb" (Stanford PTBTokenizer through java) or "fallback" (data.tokenizer)
     notes: list[str] = field(default_factory=list)  # what was skipped or approximated, and why
     n_images: int = 0  # number of scored images (= number of results)
+    scorers: str = "pycocoevalcap"  # who computed BLEU/ROUGE-L/CIDEr: "pycocoevalcap" or "showtell" (ours)
 
     def to_dict(self, per_image: bool = True) -> dict:
         """JSON-able dict (NaN becomes None); `per_image` adds a list of {"image_id", metric: score}."""
-        out = {"n_images": self.n_images, "tokenizer": self.tokenizer, "notes": list(self.notes),
+        out = {"n_images": self.n_images, "tokenizer": self.tokenizer, "scorers": self.scorers,
+               "notes": list(self.notes),
                "metrics": {k: _json_float(v) for k, v in self.corpus.items()}}
         if per_image:
             out["per_image"] = [{"image_id": _json_id(i), **{k: _json_float(v) for k, v in s.items()}}
@@ -60,20 +64,22 @@ def find_java() -> str | None:
     return shutil.which("java")
 
 
-def pycocoevalcap_dir() -> Path:
-    """Directory of the installed pycocoevalcap package; InputError when it is not installed."""
+def pycocoevalcap_dir() -> Path | None:
+    """Directory of the installed pycocoevalcap package, or None when it is not installed."""
     try:
         # lazy: pycocoevalcap is optional (extra "eval"); a namespace package (no __init__), so use a module
         from pycocoevalcap.bleu import bleu
-    except ImportError as exc:
-        raise InputError("pycocoevalcap is not installed: run `pip install pycocoevalcap` (or `pip install "
-                         "-e '.[eval]'`) to compute caption metrics.") from exc
+    except ImportError:
+        return None
     return Path(bleu.__file__).resolve().parent.parent
 
 
 def spice_status(package_dir: Path | None = None) -> tuple[bool, str]:
     """(available, reason): SPICE runs only when all of SPICE_FILES exist under `<pycocoevalcap>/spice`."""
-    spice_dir = Path(package_dir or pycocoevalcap_dir()) / "spice"
+    package_dir = package_dir or pycocoevalcap_dir()
+    if package_dir is None:
+        return False, "SPICE skipped: pycocoevalcap is not installed (pip install 'showtell[eval]')"
+    spice_dir = Path(package_dir) / "spice"
     missing = [name for name in SPICE_FILES if not (spice_dir / name).is_file()]
     if missing:
         return False, (f"SPICE skipped: {', '.join(missing)} not found in {spice_dir} (pycocoevalcap would "
@@ -85,14 +91,15 @@ def score_captions(results: Sequence[Mapping], references: Mapping[Hashable, Seq
                    use_java: str | bool = "auto", spice: str | bool = "auto") -> MetricsResult:
     """Score `results` ([{"image_id", "caption"}], one per image) against `references` (image_id -> captions).
 
-    use_java: "auto" (PTB tokenizer + METEOR when java is on the PATH), True (require java), False (never).
+    use_java: "auto" (PTB tokenizer + METEOR when java and pycocoevalcap are there), True (require them),
+      False (never).
     spice: "auto" (when java and the SPICE jars are present), True (require them), False (never).
     Raises InputError on empty or duplicate results, non-string captions or an image without references.
     """
     gts, res = _coco_inputs(results, references)
     package_dir = pycocoevalcap_dir()
     notes: list[str] = []
-    java = _decide_java(use_java, notes)
+    java = check_scoring(use_java, notes)
     spice_ok, spice_reason = spice_status(package_dir)
     if spice is True and not (spice_ok and java):
         why = spice_reason if not spice_ok else "java is not available"
@@ -109,13 +116,13 @@ def score_captions(results: Sequence[Mapping], references: Mapping[Hashable, Seq
     if not java:
         tokenizer = "fallback"
         gts_tok, res_tok = fallback_tokenize(gts), fallback_tokenize(res)
-    corpus, per_image = _run_scorers(gts_tok, res_tok, java, notes)
+    corpus, per_image = _run_scorers(gts_tok, res_tok, java, notes, own=package_dir is None)
     if java and spice is not False and spice_ok:
         _run_spice(gts_tok, res_tok, corpus, per_image, notes)
-    elif spice is not False:
+    elif spice is not False and package_dir:  # without pycocoevalcap, check_scoring's note says why
         notes.append(spice_reason if not spice_ok else "SPICE skipped: java is not available")
     return MetricsResult(corpus=corpus, per_image=per_image, tokenizer=tokenizer, notes=notes,
-                         n_images=len(res))
+                         n_images=len(res), scorers="pycocoevalcap" if package_dir else "showtell")
 
 
 def _coco_inputs(results, references) -> tuple[dict, dict]:
@@ -139,67 +146,50 @@ def _coco_inputs(results, references) -> tuple[dict, dict]:
     return gts, res
 
 
-def _decide_java(use_java, notes: list[str]) -> str | None:
-    """The java executable to use, or None (with a note saying why METEOR is skipped)."""
+def check_scoring(use_java: str | bool = "auto", notes: list[str] | None = None) -> str | None:
+    """The java executable `score_captions` will use, or None; call it before any work.
+
+    InputError for a bad `use_java` or `use_java=True` without java on the PATH or without pycocoevalcap
+    (its jars hold the PTB tokenizer and METEOR). `notes` (when given) gets what will be skipped and why.
+    """
+    notes = [] if notes is None else notes
     if use_java not in ("auto", True, False):
         raise InputError(f"use_java must be 'auto', True or False, not {use_java!r}.")
+    installed = pycocoevalcap_dir() is not None
+    if not installed:
+        notes.append("pycocoevalcap is not installed: captions tokenized with the fallback tokenizer, BLEU, "
+                     "ROUGE-L and CIDEr computed by showtell's own scorers (the same numbers), METEOR and "
+                     "SPICE skipped (Java programs shipped inside pycocoevalcap); pip install "
+                     "'showtell[eval]' and Java 8+ for them")
     if use_java is False:
-        notes.append("java disabled: captions tokenized with the fallback tokenizer, METEOR skipped")
+        if installed:  # (otherwise the note above says it all)
+            notes.append("java disabled: captions tokenized with the fallback tokenizer, METEOR skipped")
         return None
     java = find_java()
-    if java is None and use_java is True:
-        raise InputError("java was required but is not on the PATH (METEOR and the PTB tokenizer need it).")
-    if java is None:
+    if use_java is True and (java is None or not installed):
+        raise InputError("java was required (--java yes) but " + ("is not on the PATH" if java is None else
+                         "pycocoevalcap is not installed: pip install 'showtell[eval]'") +
+                         " (METEOR and the PTB tokenizer need both).")
+    if java is None and installed:
         notes.append("java not found on the PATH: captions tokenized with the fallback tokenizer (not PTB), "
                      "METEOR skipped; install Java 8+ for the official numbers")
-    return java
+    return java if installed else None
 
 
-def ptb_tokenize(captions_for_image: Mapping, java: str, jar: Path) -> dict:
-    """PTBTokenizer.tokenize() of pycocoevalcap, run from a private temp dir: image_id -> [tokenized str]."""
-    image_ids = [k for k, v in captions_for_image.items() for _ in range(len(v))]
-    sentences = "\n".join(c["caption"].replace("\n", " ") for v in captions_for_image.values() for c in v)
-    with tempfile.TemporaryDirectory(prefix="showtell-ptb-") as tmp:
-        path = Path(tmp) / "captions.txt"
-        path.write_bytes(sentences.encode())
-        proc = subprocess.run([java, "-cp", str(jar), PTB_CLASS, "-preserveLines", "-lowerCase", str(path)],
-                              capture_output=True, check=True)
-    lines = proc.stdout.decode().split("\n")
-    if len(lines) < len(image_ids):
-        raise RuntimeError(f"PTBTokenizer returned {len(lines)} lines for {len(image_ids)} captions")
-    drop = _ptb_punctuations()
-    out: dict = {}
-    for k, line in zip(image_ids, lines[: len(image_ids)], strict=True):
-        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in drop))
-    return out
-
-
-def fallback_tokenize(captions_for_image: Mapping) -> dict:
-    """Without java: data.tokenizer.tokenize, brackets as PTB's -lrb- etc., PTB's punctuation list removed."""
-    drop = _ptb_punctuations() | {'"'}
-    out: dict = {}
-    for k, caps in captions_for_image.items():
-        out[k] = [" ".join(_PTB_BRACKETS.get(w, w) for w in tokenize(c["caption"].replace("\n", " "))
-                           if w not in drop) for c in caps]
-    return out
-
-
-def _ptb_punctuations() -> set[str]:
-    """The tokens COCOEvalCap's PTBTokenizer removes after tokenizing (its PUNCTUATIONS list)."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS  # lazy: optional dependency (extra "eval")
-
-    return set(PUNCTUATIONS)
-
-
-def _run_scorers(gts: dict, res: dict, java: str | None, notes: list[str]) -> tuple[dict, dict]:
-    """Bleu(4), Meteor() (only with java), Rouge(), Cider() on tokenized captions: (corpus, per_image)."""
+def _run_scorers(gts: dict, res: dict, java: str | None, notes: list, own: bool = False) -> tuple[dict, dict]:
+    """Bleu(4), Meteor() (only with java), Rouge(), Cider() on tokenized captions: (corpus, per_image);
+    with `own` (no pycocoevalcap), evaluation.scorers' BLEU, ROUGE-L and CIDEr."""
+    corpus: dict[str, float] = {}
+    per_image: dict = {k: {} for k in gts}
+    if own:
+        for name, (score, scores) in score_tokenized(gts, res).items():
+            _store(name, score, scores, gts, corpus, per_image)
+        return corpus, per_image
     # lazy: pycocoevalcap is an optional dependency (extra "eval")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    corpus: dict[str, float] = {}
-    per_image: dict = {k: {} for k in gts}
     bleu, bleu_images = Bleu(4).compute_score(gts, res, verbose=0)
     for n in range(4):
         _store(f"Bleu_{n + 1}", bleu[n], bleu_images[n], gts, corpus, per_image)
@@ -287,9 +277,10 @@ def metrics_rows(result: MetricsResult, extra: Mapping[str, float] | None = None
 
 
 def metrics_footer(result: MetricsResult) -> str:
-    """The line under every metrics table: how many images were scored and with which tokenizer."""
+    """The line under every metrics table: how many images were scored, with which tokenizer and scorers."""
     tok = "PTB" if result.tokenizer == "ptb" else "fallback (no java)"
-    return f"{result.n_images} images, tokenizer: {tok}"
+    own = ", scorers: showtell's own (no pycocoevalcap)" if result.scorers == "showtell" else ""
+    return f"{result.n_images} images, tokenizer: {tok}{own}"
 
 
 def format_metrics_table(result: MetricsResult, extra: Mapping[str, float] | None = None) -> str:
@@ -305,8 +296,9 @@ def format_metrics_table(result: MetricsResult, extra: Mapping[str, float] | Non
 def write_results_json(path: str | Path, results: Iterable[Mapping]) -> Path:
     """Write captions in the COCO results format, atomically; returns the path.
 
-    Each entry becomes {"image_id": int, "caption": str} plus "file_name" (str) when the entry has one;
-    other fields are dropped. COCO needs an integer image_id (numpy integers are converted). The rule for
+    Each entry becomes {"image_id": int, "caption": str} plus "file_name" (str) when the entry has one, and
+    "attention" (a mapping: an attention model's per-word weights, decoder.infer.captioner); other fields
+    are dropped. COCO needs an integer image_id (numpy integers are converted). The rule for
     images without a dataset id: image_id -1 means unknown, and such entries keep "file_name" (e.g. the
     image path or feature-store key `caption --json` writes) so they remain identifiable; COCO scoring
     tools cannot match them, but nothing here refuses them. InputError, before anything is written, for an
@@ -323,6 +315,8 @@ def write_results_json(path: str | Path, results: Iterable[Mapping]) -> Path:
         entry = {"image_id": int(image_id), "caption": r["caption"]}
         if "file_name" in r:
             entry["file_name"] = r["file_name"]
+        if isinstance(r.get("attention"), Mapping):  # caption --json of an attention model (its weights)
+            entry["attention"] = dict(r["attention"])
         entries.append(entry)
     return atomic_write_json(path, entries, indent=1)
 

@@ -1,6 +1,7 @@
 """The HTML error-analysis report of `evaluate --report`: one self-contained page (thumbnails embedded as
 base64 JPEG, inline CSS, no external links) with the corpus metrics at the top and every image below, worst
 per-image CIDEr first, showing its generated caption and its reference captions. All text is HTML-escaped.
+The page carries base.outputs.REPORT_MARKER (a generator meta tag): a rerun replaces only a page of ours.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from base.atomic import atomic_write_text
+from base.outputs import REPORT_MARKER
 from evaluation.metrics import DISPLAY_NAMES, MetricsResult, metrics_footer, metrics_rows
 
 THUMBNAIL_PX = 160  # longest side of the embedded thumbnails, in pixels
@@ -135,7 +137,8 @@ def write_report(path: str | Path, items: Sequence[ReportItem | Mapping], metric
         missing += uri is None
         parts.append(_item_html(rank, item, metrics.per_image.get(item.image_id, {}), uri, why))
     title = html.escape(title)
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}'
+            f"<title>{title}</title>"
             f"<style>{_CSS}</style></head><body><h1>{title}</h1>"
             f"{_metrics_html(metrics, extra)}<h2>Images, worst CIDEr first</h2>\n"
             + "\n".join(parts) + "\n</body></html>\n")

@@ -80,15 +80,27 @@ def check_spec(spec: CNNSpec) -> None:
         )
 
 
-def _inception(spec: CNNSpec, weights):
+def _inception(spec: CNNSpec, weights, grid: bool = False):
     size = spec.image_size
     return keras.applications.InceptionV3(
-        include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
+        include_top=False, weights=weights, input_shape=(size, size, 3), pooling=None if grid else "avg"
     )
 
 
-def build_encoder(cnn) -> "keras.Model":  # noqa: F821
-    """Build the frozen encoder for a CNN block (dict or CNNSpec): float32 [B,S,S,3] -> float32 [B,2048].
+def grid_size(image_size: int) -> int:
+    """h (= w) of InceptionV3's Mixed_7c map for S x S inputs (8 at 299 px, 3 at 160 px, 1 at 75-138 px):
+    three stride-2 'valid' 3x3 convolutions/poolings after the stem's, as Keras builds it."""
+    size = (int(image_size) - 3) // 2 + 1 - 2  # conv 3x3/2 valid, conv 3x3 valid
+    size = (size - 3) // 2 + 1 - 2  # max-pool 3x3/2, conv 3x3 valid
+    size = (size - 3) // 2 + 1  # max-pool 3x3/2 (35x35 at 299 px)
+    size = (size - 3) // 2 + 1  # Mixed_6a (17x17)
+    return (size - 3) // 2 + 1  # Mixed_7a (8x8)
+
+
+def build_encoder(cnn, grid: bool = False) -> "keras.Model":  # noqa: F821
+    """Build the frozen encoder for a CNN block (dict or CNNSpec): float32 [B,S,S,3] -> float32 [B,2048],
+    or with `grid` the Mixed_7c map float32 [B, h, w, 2048] whose mean over h, w is that pooled vector (no
+    weights differ: same fingerprint).
 
     Raises InputError for an unknown architecture, a too small size or a missing weights file. Does not
     check `fingerprint`; use `encoder_and_spec` or `weights_fingerprint` for that.
@@ -96,15 +108,15 @@ def build_encoder(cnn) -> "keras.Model":  # noqa: F821
     spec = cnn if isinstance(cnn, CNNSpec) else CNNSpec.from_dict(cnn)
     check_spec(spec)
     if spec.weights == "imagenet":
-        model = _inception(spec, "imagenet")
+        model = _inception(spec, "imagenet", grid)
     elif spec.weights == "none":
         keras.utils.set_random_seed(int(spec.seed))
-        model = _inception(spec, None)
+        model = _inception(spec, None, grid)
     elif spec.weights.startswith("slim:"):
-        model = _inception(spec, None)
+        model = _inception(spec, None, grid)
         load_slim_weights(model, spec.weights[len("slim:") :])
     else:
-        model = _inception(spec, None)
+        model = _inception(spec, None, grid)
         try:
             model.load_weights(spec.weights)
         except Exception as err:  # noqa: BLE001 - any loader failure is a bad argument
@@ -132,13 +144,14 @@ def check_same_cnn(store_cnn: dict, model_cnn: dict, store_name, model_name) -> 
                          f"{model_name} expects {model_cnn.get('image_size')}.")
 
 
-def encoder_and_spec(cnn, expect_fingerprint: bool = False):
-    """Build the encoder and return (model, CNNSpec with its fingerprint filled in).
+def encoder_and_spec(cnn, expect_fingerprint: bool = False, grid: bool = False):
+    """Build the encoder (with `grid`: the Mixed_7c map, see build_encoder) and return (model, CNNSpec with
+    its fingerprint filled in).
 
     With `expect_fingerprint` and a non-empty `fingerprint` in `cnn`, a different one raises InputError.
     """
     spec = cnn if isinstance(cnn, CNNSpec) else CNNSpec.from_dict(cnn)
-    model = build_encoder(spec)
+    model = build_encoder(spec, grid)
     got = weights_fingerprint(model)
     if expect_fingerprint:
         check_fingerprint(got, spec.fingerprint, spec.weights, "the CNN block")

@@ -1,4 +1,5 @@
-"""What `extract` reads: the rows (key, image id, file) from caption files or image paths/folders/globs.
+"""What `extract` reads: the rows (key, image id, file) from caption files, image paths/folders/globs, or
+img2dataset shards (webdataset tars, parquet; data/shards.py: rows are shard members read in place).
 
 Every check on arguments happens here, before any work: a missing or unreadable images root, a path that
 matches nothing, an output folder that does not exist or is not writable raise `InputError`.
@@ -11,11 +12,14 @@ file, so a read-only mount or a full disk is refused with one sentence before an
 import contextlib
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from base.errors import InputError
 from data.captions import load_annotations
+from data.formats import SHARD_FORMATS
+from data.shard_readers import ShardColumns, ShardMember
+from data.shards import index_shards, is_shard_pattern
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 PROBE_BYTES = 1 << 16  # a write of this size must succeed in an output folder (a full disk fails it)
@@ -25,17 +29,18 @@ PROBE_BYTES = 1 << 16  # a write of this size must succeed in an output folder (
 class Rows:
     """The rows of an extraction, in order."""
 
-    keys: list[str]  # posix path relative to its images root (the store's /keys)
+    keys: list[str]  # posix path relative to its images root, or a shard row key (the store's /keys)
     image_ids: list[int]  # dataset id, -1 when unknown
-    files: list[str | None]  # the file to decode; None when found under no images root
+    files: list[str | ShardMember | None]  # file or shard member to decode; None: under no images root
     source: str  # one line saying where the rows came from
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (input shard, why) unreadable/cut off
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def shard(self, k: int, n: int) -> "Rows":
         """Rows i with i % n == k (deterministic; merge interleaves them back)."""
-        return Rows(self.keys[k::n], self.image_ids[k::n], self.files[k::n], self.source)
+        return Rows(self.keys[k::n], self.image_ids[k::n], self.files[k::n], self.source, self.damaged)
 
 
 def check_root(root) -> Path:
@@ -195,10 +200,37 @@ def rows_from_paths(paths, images=()) -> Rows:
     return Rows(keys, [-1] * len(keys), files, f"{len(keys)} image files from {len(paths)} path argument(s)")
 
 
-def gather_rows(paths=(), images=(), captions=(), fmt="auto", split_scheme="auto") -> Rows:
-    """Rows from `--captions` (+ `--images`) or from image PATHS (+ optional `--images` roots for keys)."""
+def rows_from_shards(patterns, fmt: str | None = None, columns: ShardColumns | None = None) -> Rows:
+    """Every sample of img2dataset shards (webdataset tars / parquet; data.shards), in shard order: keys
+    `<shard stem>/<sample key>`, files = shard members read in place. Damaged shards are in `damaged`."""
+    index = index_shards(list(patterns), fmt, columns)
+    if not index.samples:
+        why = f" ({index.damaged[0][0]}: {index.damaged[0][1]})" if index.damaged else ""
+        raise InputError(f"the shards hold no samples{why}.")
+    return Rows([s.key for s in index.samples], [s.image_id for s in index.samples],
+                [s.member for s in index.samples], index.summary(), list(index.damaged))
+
+
+def _shard_inputs(args, fmt: str) -> bool:
+    """True when the arguments are shards (forced by --format or all named by suffix); InputError when
+    shards and image files are mixed."""
+    if fmt in SHARD_FORMATS:
+        return True
+    marks = [is_shard_pattern(a) for a in args]
+    if any(marks) and not all(marks):
+        raise InputError("give either shards (.tar / .parquet) or image files, not both.")
+    return bool(marks) and all(marks)
+
+
+def gather_rows(paths=(), images=(), captions=(), fmt="auto", split_scheme="auto", columns=None) -> Rows:
+    """Rows from `--captions` (+ `--images`), from image PATHS (+ optional `--images` roots for keys), or
+    from img2dataset shards given as PATHS or as --captions (--format webdataset|parquet or by suffix)."""
     if captions and paths:
         raise InputError("give either --captions (with --images) or image PATHS, not both.")
+    if (captions or paths) and _shard_inputs(captions or paths, fmt):
+        if images:
+            raise InputError("--images is not used with shards (the images are inside them).")
+        return rows_from_shards(captions or paths, fmt if fmt in SHARD_FORMATS else None, columns)
     if captions:
         return rows_from_captions(captions, images, fmt, split_scheme)
     if paths:

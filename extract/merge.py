@@ -6,7 +6,8 @@ unsharded command on it reports "already complete"). Refused: a missing, duplica
 shards of different runs (inputs, CNN fingerprint, size, dtype, views, seed; the extraction batch size may
 differ), or a shard that is damaged (data.features checks every chunk's checksum and refuses NaN/Inf).
 Written to a temporary name and renamed, so a killed merge leaves nothing half-written; --out is locked
-(`<out>.lock`, base.locks) while the merge runs.
+(`<out>.lock`, base.locks) while the merge runs. An existing --out is replaced only with `overwrite` and
+only when it is a feature store (base.outputs: never a shard, never a file showtell did not write).
 """
 
 import hashlib
@@ -20,11 +21,13 @@ import numpy as np
 from base.atomic import atomic_path
 from base.errors import InputError
 from base.locks import exclusive
+from base.outputs import check_command
 from data.features import create_store, open_store
 from extract.inputs import check_output
 from extract.preprocess import error_category
 
 BLOCK_ROWS = 1024
+GRID_BLOCK_ROWS = 64  # rows per shard per block of a grid store (256 KiB per image at 8x8 float16)
 
 
 def _shared(run: dict) -> dict:
@@ -78,14 +81,17 @@ def _interleave(values: list, total: int, n: int) -> list:
     return out
 
 
-def merge_shards(paths, out) -> str:
-    """Merge shard stores into `out`; returns a one-line summary. InputError on mismatched shards."""
+def merge_shards(paths, out, overwrite: bool = False) -> str:
+    """Merge shard stores into `out`; returns a one-line summary. InputError on mismatched shards, and
+    (base.outputs) for an --out that is a shard, or exists and is not a feature store, or is one and
+    `overwrite` is False."""
     if len(paths) < 1:
         raise InputError("merge-features needs the shard files to merge.")
+    params = {"shards": list(paths), "out": str(out), "overwrite": overwrite}
+    check_command("merge-features", params)
     out = check_output(out)
-    if any(Path(p).resolve() == out.resolve() for p in paths):
-        raise InputError(f"--out {out} is one of the shard files.")
     with exclusive(out, folder=False):
+        check_command("merge-features", params)  # again under the lock
         stores = _open_shards(paths)
         try:
             stores = _check_shards(stores)
@@ -110,22 +116,27 @@ def _write(stores, out: Path) -> str:
     attrs.pop("config", None)
     with atomic_path(out, ".merge") as tmp:
         writer = create_store(tmp, keys, ids, dim=first.dim, views=first.views, dtype=str(first.dtype),
-                              attrs=attrs)
+                              attrs=attrs, grid=first.grid_shape)
+        block = (GRID_BLOCK_ROWS if first.grid_shape else BLOCK_ROWS) * n
         with writer:
-            for start in range(0, total, BLOCK_ROWS * n):
-                stop = min(total, start + BLOCK_ROWS * n)
+            for start in range(0, total, block):
+                stop = min(total, start + block)
                 index = np.arange(start, stop)
                 feats = np.zeros((len(index),) + first.read_features([0]).shape[1:], dtype=first.dtype)
                 ok = np.zeros(len(index), dtype=bool)
                 errors = [""] * len(index)
+                grid = np.zeros((len(index),) + first.read_grid([0]).shape[1:], first.dtype) \
+                    if first.grid_shape else None
                 for k, store in enumerate(stores):
                     sel = np.nonzero(index % n == k)[0]
                     src = index[sel] // n
                     feats[sel] = store.read_features(src)
+                    if grid is not None:
+                        grid[sel] = store.read_grid(src)
                     ok[sel] = store.ok[src]
                     for i, j in zip(sel, src, strict=True):
                         errors[i] = store.errors[j]
-                writer.commit(start, feats, ok, errors)
+                writer.commit(start, feats, ok, errors, grid)
             writer.finish()
     failed = Counter(error_category(e) for s in stores for e, ok in zip(s.errors, s.ok, strict=True)
                      if not ok)

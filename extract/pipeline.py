@@ -14,7 +14,8 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from base.devices import choose_strategy, default_precision, dtype_policy
+from base.devices import PRECISIONS, choose_strategy, dtype_policy, inference_precision
+from data.shard_readers import SampleError, ShardMember
 from extract.encoder import CNNSpec, encoder_and_spec
 from extract.preprocess import MAX_PIXELS, BadImage, decode_image, preprocess
 
@@ -25,13 +26,26 @@ def key_seeds(keys: list[str], seed: int) -> np.ndarray:
     return np.stack([np.full_like(crc, int(seed) & 0x7FFFFFFF), crc], axis=1).astype(np.int32)
 
 
+def read_source(source):
+    """What `decode_image` takes for a row's source: a path as is, a shard member's bytes (data.shards);
+    BadImage("unreadable: ...") when the shard cannot be read there."""
+    if not isinstance(source, ShardMember):
+        return source
+    try:
+        return source.read()
+    except SampleError as err:
+        raise BadImage(str(err)) from None
+    except OSError as err:
+        raise BadImage(f"unreadable: {err}") from None
+
+
 def _loader(files: list, image_size: int, max_pixels: int):
     def load(index):
         path = files[int(index)]
         if path is None:
             return np.zeros((1, 1, 3), np.uint8), False, b"missing: not found under any --images root"
         try:
-            return decode_image(path, image_size, max_pixels), True, b""
+            return decode_image(read_source(path), image_size, max_pixels), True, b""
         except BadImage as err:
             return np.zeros((1, 1, 3), np.uint8), False, str(err).encode("utf-8")
 
@@ -101,10 +115,12 @@ _BUILT: dict = {}  # the last encoders built in this process, keyed by CNN block
 _KEEP = 2
 
 
-def inference_encoder(spec):
+def inference_encoder(spec, precision: str | None = None, grid: bool = False):
     """(infer, CNNSpec with its fingerprint) for a CNN block: `infer(float32 [B, S, S, 3]) -> np.float32
-    [B, 2048]`. With accelerators (base.devices.accelerators): mixed_float16 compute, and a
-    MirroredStrategy over several of them.
+    [B, 2048]` (with `grid`: the Mixed_7c map np.float32 [B, h, w, 2048], extract.encoder.build_encoder),
+    computed under the Keras dtype policy `precision` (float32, mixed_float16, mixed_bfloat16;
+    None: base.devices.inference_precision(), i.e. the command's --precision or auto); the features come
+    back float32 whatever the compute dtype. With several accelerators: a MirroredStrategy over them.
 
     The last two encoders are kept, so several runs in one process (demo, tests, extract then caption)
     build each once. The key is the block without its recorded fingerprint (the built one is returned), the
@@ -114,17 +130,20 @@ def inference_encoder(spec):
     spec = spec if isinstance(spec, CNNSpec) else CNNSpec.from_dict(spec)
     weights_path = spec.weights.removeprefix("slim:")
     mtime = os.path.getmtime(weights_path) if os.path.isfile(weights_path) else None
-    strategy, precision = choose_strategy(local=True), default_precision()
-    key = json.dumps([{**spec.to_dict(), "fingerprint": ""}, mtime, precision, id(strategy)], sort_keys=True)
+    strategy, precision = choose_strategy(local=True), precision or inference_precision("caption")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}")
+    key = json.dumps([{**spec.to_dict(), "fingerprint": ""}, mtime, precision, id(strategy), grid],
+                     sort_keys=True)
     if key not in _BUILT:
-        built = _build_new(spec, strategy, precision)
+        built = _build_new(spec, strategy, precision, grid)
         while len(_BUILT) >= _KEEP:
             _BUILT.pop(next(iter(_BUILT)))
         _BUILT[key] = built
     return _BUILT[key]
 
 
-def _build_new(spec, strategy, precision: str):
+def _build_new(spec, strategy, precision: str, grid: bool = False):
     with dtype_policy(precision), strategy.scope():
-        model, spec = encoder_and_spec(spec)
+        model, spec = encoder_and_spec(spec, grid=grid)
     return make_infer(model, strategy), spec

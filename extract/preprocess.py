@@ -12,6 +12,7 @@ resize to R x R with R = round(S * 346 / 299) (aspect not kept; TF1 `resize_imag
 central S x S crop (eval) or a random crop + im2txt's `distort_image` (training), then scale to [-1, 1].
 """
 
+import io
 import os
 import warnings
 
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 2 * 89_478_485
 
 IM2TXT_SIZE, IM2TXT_RESIZE = 299, 346
+GREY16 = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grey modes (a 16-bit grey PNG opens as "I;16")
 
 
 class BadImage(Exception):
@@ -48,10 +50,10 @@ def _os_reason(err: OSError, default: str) -> str:
     return f"{'truncated' if truncated else default}: {text}"
 
 
-def _open(path: str, max_pixels: int) -> Image.Image:
-    """Open (header only) with the file-level checks; raises BadImage."""
+def _open(path: str | bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) with the file-level checks; raises BadImage. `path` may be the file's bytes."""
     try:
-        size = os.stat(path).st_size
+        size = len(path) if isinstance(path, bytes) else os.stat(path).st_size
     except FileNotFoundError:
         raise BadImage("missing: no such file") from None
     except OSError as err:
@@ -61,7 +63,7 @@ def _open(path: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
     except Image.DecompressionBombError as err:
         raise BadImage(f"bomb: {err}") from None
     except UnidentifiedImageError:
@@ -87,14 +89,20 @@ def _reduce_factor(size: tuple[int, int], target: int) -> int:
     return 1
 
 
+def _grey8(im: Image.Image) -> np.ndarray:
+    """A 16- or 32-bit integer grey image ("I;16*", "I") -> uint8 [H, W]: rint(v * 255 / 65535) (scaled, not
+    clipped; an "I" image whose values fit in 8 bits is kept as is). The export decodes 16-bit grey PNGs
+    the same way (decoder/infer/export_decode.py)."""
+    arr = np.asarray(im).astype(np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    return np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 [H, W, 3]. Alpha is composited over white; 16-bit is scaled, not clipped."""
     mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in GREY16 or mode == "I":
+        return np.repeat(_grey8(im)[:, :, None], 3, axis=2)
     if mode == "F":
         arr = np.asarray(im, dtype=np.float64)
         top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
@@ -115,12 +123,13 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def decode_image(path, image_size: int = IM2TXT_SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode an image file to uint8 RGB [H, W, 3] (EXIF-rotated); raises `BadImage(reason)`.
+    """Decode an image file (a path, or its bytes, e.g. a shard member) to uint8 RGB [H, W, 3]
+    (EXIF-rotated); raises `BadImage(reason)`.
 
     `image_size` (the crop size S) only bounds the decoding scale: an image at least 2x the resize size
     R on both sides is decoded at 1/2, 1/4 or 1/8 scale (never below R), so memory stays bounded.
     """
-    path = os.fspath(path)
+    path = bytes(path) if isinstance(path, bytes | bytearray | memoryview) else os.fspath(path)
     im = _open(path, max_pixels)
     target = resize_size(image_size)
     try:
@@ -131,7 +140,9 @@ def decode_image(path, image_size: int = IM2TXT_SIZE, max_pixels: int = MAX_PIXE
                 im.seek(0)
             im.load()
             factor = _reduce_factor(im.size, target)
-            if factor > 1 and im.mode in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F", "I;16"):
+            if factor > 1 and im.mode in GREY16:  # PIL cannot reduce these: reduce their 8-bit scaling
+                im = Image.fromarray(_grey8(im), "L")
+            if factor > 1 and im.mode in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F"):
                 im = im.reduce(factor)
             im = ImageOps.exif_transpose(im)
             arr = _to_rgb(im)

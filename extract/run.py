@@ -1,14 +1,14 @@
 """`extract`: frozen-CNN features for every row into the feature store, resumable, shardable.
 
 Resume: the run's identity (`run` attr: the inputs' hash, shard, CNN block, size, dtype, views, seed, compute
-precision) is stored in the file. Rerunning the same command continues after `rows_done`; any other command
-on the same file, or the same one on a machine with another compute precision (GPU: mixed_float16, CPU:
-float32), is refused, naming what differs. Rows are committed a batch at a time (see data/features.py), so a
-kill -9 loses at most the batch in flight; batches always start at multiples of --batch-size, so a resumed
-run computes exactly the same batches as an uninterrupted one (float32: identical bytes). The batch size is
-part of the identity: resuming an incomplete store with another --batch-size is refused (the CNN's float
-results depend on the batch shape), while a complete store is reported complete whatever the batch size
-(or compute precision).
+precision) is stored in the file. Rerunning the same command continues after `rows_done`; any other command on
+the same file, or the same one with another compute precision (--precision, or `auto` on a machine that
+resolves it otherwise: base.devices.auto_precision), is refused, naming what differs. Rows are committed a
+batch at a time (see data/features.py), so a kill -9 loses at most the batch in flight; batches always start
+at multiples of --batch-size, so a resumed run computes exactly the same batches as an uninterrupted one
+(float32: identical bytes). The batch size is part of the identity: resuming an incomplete store with another
+--batch-size is refused (the CNN's float results depend on the batch shape), while a complete store is
+reported complete whatever the batch size (or compute precision).
 
 The store is locked (`<store>.lock`, base.locks) for the whole run: a second extract on the same --out is
 refused while the first is alive. Rows whose features come out NaN/Inf (a float16 overflow) are recorded as
@@ -28,12 +28,13 @@ import numpy as np
 from tqdm import tqdm
 
 from base.atomic import remove_stale_temps
-from base.devices import default_precision
+from base.devices import precision_line, resolve_precision
 from base.errors import InputError, RunStopped
 from base.locks import exclusive
 from data.features import FORMAT_NAME, StoreWriter, create_store, open_store
-from data.integrity import nonfinite_rows
-from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
+from data.integrity import nonfinite_rows, rows_digest
+from data.shard_readers import ShardColumns
+from extract.encoder import FEATURE_DIM, CNNSpec, check_spec, grid_size
 from extract.inputs import Rows, check_output, gather_rows
 from extract.pipeline import inference_encoder, make_dataset
 from extract.preprocess import MAX_PIXELS, error_category
@@ -47,18 +48,24 @@ class ExtractConfig:
     paths: list[str] = field(default_factory=list)  # image files / folders / globs (instead of captions)
     images: list[str] = field(default_factory=list)  # images roots, looked up in turn
     captions: list[str] = field(default_factory=list)  # caption files; rows = their annotated images
-    caption_format: str = "auto"  # auto | coco | karpathy | flickr8k
+    caption_format: str = "auto"  # auto | coco | karpathy | flickr8k | webdataset | parquet (shards)
+    parquet_columns: str = ""  # parquet shards: "image=jpg,caption=txt,key=key" (any subset; "" = these)
     split_scheme: str = "auto"  # data.splits scheme (rows are all splits; kept for the record)
     cnn_weights: str = "imagenet"  # imagenet | none | weights file | slim:<ckpt>
     image_size: int = 299  # crop size S; resize is round(S * 346 / 299)
     batch_size: int = 32  # images per CNN call (and per commit)
     dtype: str = "float16"  # stored feature dtype: float16 | float32
     views: int = 1  # 1 eval view + (views - 1) distorted training views
+    grid: bool = False  # also store the Mixed_7c grid [h, w, 2048] per view (/grid; attention decoders)
     shard: int = 0  # this shard, 0 <= shard < num_shards
     num_shards: int = 1  # rows i with i % num_shards == shard are extracted
     seed: int = 0  # random init (--cnn-weights none) and the distorted views
+    precision: str = "auto"  # CNN compute: float32 | mixed_float16 | mixed_bfloat16 | auto (the machine's)
     max_pixels: int = MAX_PIXELS  # larger images are refused as decompression bombs
     progress: bool = True  # show a tqdm bar
+    engine: str = "local"  # local (tf.data, this machine) | ray (shards on a Ray cluster: extract/ray_engine)
+    address: str = ""  # --engine ray: an existing cluster's address ("" = start a local Ray for the command)
+    workers: int = 0  # --engine ray: CNN actors (0 = one per GPU of the cluster, else half its CPUs)
 
 
 @dataclass
@@ -92,26 +99,29 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise InputError(f"--views {cfg.views} must be at least 1.")
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size {cfg.batch_size} must be at least 1.")
+    if cfg.grid and cfg.engine != "local":
+        raise InputError("--grid is extracted by the local engine only: drop --engine ray (or use --shard K "
+                         "--num-shards N and merge-features).")
+    if cfg.engine not in ("local", "ray") or cfg.workers < 0:
+        raise InputError(f"--engine {cfg.engine} / --workers {cfg.workers}: use local or ray, workers >= 0.")
     if cfg.num_shards < 1 or not 0 <= cfg.shard < cfg.num_shards:
         raise InputError(f"--shard {cfg.shard} must be in 0..{cfg.num_shards - 1} "
                          f"(--num-shards {cfg.num_shards}).")
 
 
 def inputs_digest(keys, image_ids) -> str:
-    """Hex SHA-256 of the full (unsharded) row list: keys and image ids in order."""
-    digest = hashlib.sha256()
-    for key, image_id in zip(keys, image_ids, strict=True):
-        digest.update(f"{key}\t{int(image_id)}\n".encode())
-    return digest.hexdigest()
+    """Hex SHA-256 of the full (unsharded) row list: keys and image ids in order (data.integrity's
+    rows_digest, which a store also records of its own rows)."""
+    return rows_digest(keys, image_ids)
 
 
 def run_identity(cfg: ExtractConfig, rows: Rows, spec: CNNSpec, shard: int, num_shards: int) -> dict:
     """The fields that must match for a rerun to continue a file (JSON-able). "precision" is the CNN's
-    compute precision on this machine (mixed_float16 with accelerators, else float32)."""
+    compute precision (--precision; auto resolved on this machine: base.devices.auto_precision)."""
     return {"inputs": inputs_digest(rows.keys, rows.image_ids), "total_rows": len(rows), "shard": shard,
             "num_shards": num_shards, "dtype": cfg.dtype, "views": cfg.views, "seed": cfg.seed,
-            "precision": default_precision(), "batch_size": cfg.batch_size,
-            "cnn": {k: v for k, v in spec.to_dict().items()}}
+            "precision": resolve_precision(cfg.precision, "extract")[0], "batch_size": cfg.batch_size,
+            "cnn": {k: v for k, v in spec.to_dict().items()}, "grid": bool(cfg.grid)}
 
 
 def run_id(identity: dict) -> str:
@@ -122,12 +132,15 @@ def run_id(identity: dict) -> str:
 def _differences(old: dict, new: dict, complete: bool = False) -> list[str]:
     names = {"inputs": "images (the list of rows)", "total_rows": "number of images", "shard": "--shard",
              "num_shards": "--num-shards", "dtype": "--dtype", "views": "--views", "seed": "--seed"}
-    special = ("cnn", "precision", "batch_size")
+    special = ("cnn", "precision", "batch_size", "grid")
+    if bool(old.get("grid", False)) != bool(new.get("grid", False)):  # absent: a store from before --grid
+        return ["--grid (the file " + ("holds" if old.get("grid") else "has no") + " grid)"]
     out = [names.get(k, k) for k in new if k not in special and old.get(k) != new[k]]
     if not complete and old.get("batch_size", new["batch_size"]) != new["batch_size"]:  # absent: older store
         out.append(f"--batch-size (resume with --batch-size {old['batch_size']}, the one it started with)")
     if not complete and old.get("precision", new.get("precision")) != new.get("precision"):  # absent: older
-        out.append(f"compute precision ({old['precision']} in the file, {new['precision']} on this machine)")
+        out.append(f"compute precision ({old['precision']} in the file, {new['precision']} on this machine)"
+                   f" - resume with --precision {old['precision']}")
     old_cnn, new_cnn = old.get("cnn", {}), new["cnn"]
     for k in new_cnn:
         if old_cnn.get(k) != new_cnn[k] and (k != "fingerprint" or new_cnn[k]):
@@ -160,7 +173,8 @@ def _failed(errors: list[str], oks) -> Counter:
 
 
 def _check_space(path: Path, n: int, cfg: ExtractConfig) -> None:
-    need = n * cfg.views * FEATURE_DIM * np.dtype(cfg.dtype).itemsize + n * 400 + (1 << 20)
+    cells = 1 + (grid_size(cfg.image_size) ** 2 if cfg.grid else 0)  # the pooled row + the grid's cells
+    need = n * cfg.views * cells * FEATURE_DIM * np.dtype(cfg.dtype).itemsize + n * 400 + (1 << 20)
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise InputError(f"not enough disk space for {path}: needs {need / 1e6:.1f} MB, "
@@ -175,7 +189,8 @@ def _static_attrs(cfg: ExtractConfig, spec: CNNSpec, identity: dict, rows: Rows,
             + (f"; views 1..{cfg.views - 1}: random crop, flip, colour jitter" if cfg.views > 1 else ""),
             "run": identity, "run_id": run_id(identity),
             "shard": cfg.shard, "num_shards": cfg.num_shards, "total_rows": total, "source": rows.source,
-            "config": asdict(cfg), "created_by": f"showtell extract ({FORMAT_NAME})"}
+            "config": asdict(cfg), "created_by": f"showtell extract ({FORMAT_NAME})",
+            "damaged_shards": json.dumps(rows.damaged)}
 
 
 def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNSpec) -> int:
@@ -190,12 +205,19 @@ def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNS
             ok = ok.numpy()
             n = len(ok)
             x = images.numpy().reshape((-1,) + tuple(images.shape[-3:]))
-            feats = infer(x).reshape((n, cfg.views, -1) if cfg.views > 1 else (n, -1)).astype(cfg.dtype)
+            out, grid = infer(x), None  # [n*V, D]; with --grid [n*V, h, w, D], pooled = its mean over h, w
+            if cfg.grid:
+                grid, out = out.reshape((n, cfg.views) + out.shape[1:] if cfg.views > 1 else out.shape), \
+                    out.mean(axis=(1, 2))
+            feats = out.reshape((n, cfg.views, -1) if cfg.views > 1 else (n, -1)).astype(cfg.dtype)
             errors = [e.decode("utf-8", "replace") for e in errors.numpy()]
-            ok = _drop_nonfinite(feats, ok, errors)
+            ok = _drop_nonfinite(feats, ok, errors, grid)
             feats[~ok] = 0.0
+            if grid is not None:
+                grid = grid.astype(cfg.dtype)
+                grid[~ok] = 0.0
             try:
-                writer.commit(row, feats, ok, errors)
+                writer.commit(row, feats, ok, errors, grid)
             except OSError as err:
                 raise RunStopped(f"writing {writer.path} failed at row {row} ({err}); {row} rows are saved, "
                                  "free some space and rerun the same command to resume.") from None
@@ -208,10 +230,13 @@ def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNS
     return row - start
 
 
-def _drop_nonfinite(feats: np.ndarray, ok: np.ndarray, errors: list[str]) -> np.ndarray:
-    """ok bool [n] with the rows whose features (in the stored dtype) hold NaN/Inf marked failed."""
+def _drop_nonfinite(feats: np.ndarray, ok: np.ndarray, errors: list[str], grid=None) -> np.ndarray:
+    """ok bool [n] with the rows whose features or grid (float [n, ...]; in the stored dtype) hold NaN/Inf
+    marked failed."""
     bad = np.zeros(len(ok), bool)
     bad[nonfinite_rows(feats)] = True
+    if grid is not None:
+        bad[nonfinite_rows(grid.astype(feats.dtype))] = True
     bad &= ok
     for i in np.nonzero(bad)[0]:
         errors[i] = f"non-finite: the CNN gave NaN/Inf features (in {feats.dtype})"
@@ -223,14 +248,19 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
     locked for the whole run. `log` gets the captions-file load summary (skipped entries)."""
     _check_config(cfg)
     out = check_output(cfg.out)
+    if cfg.engine != "local":
+        raise InputError(f"run_extract is the local engine; --engine {cfg.engine}: extract.ray_engine.")
     with exclusive(out, folder=False):
         return _run(cfg, out, log)
 
 
 def _run(cfg: ExtractConfig, out: Path, log) -> ExtractResult:
-    rows_all = gather_rows(cfg.paths, cfg.images, cfg.captions, cfg.caption_format, cfg.split_scheme)
-    if cfg.captions:
+    rows_all = gather_rows(cfg.paths, cfg.images, cfg.captions, cfg.caption_format, cfg.split_scheme,
+                           ShardColumns.parse(cfg.parquet_columns))
+    if cfg.captions or rows_all.damaged:
         log(rows_all.source)
+    for shard, why in rows_all.damaged:
+        log(f"damaged shard {shard}: {why} (its intact samples are extracted)")
     rows = rows_all.shard(cfg.shard, cfg.num_shards) if cfg.num_shards > 1 else rows_all
     if not len(rows):
         raise InputError(f"shard {cfg.shard} of {cfg.num_shards} has no images ({len(rows_all)} in all).")
@@ -241,7 +271,8 @@ def _run(cfg: ExtractConfig, out: Path, log) -> ExtractResult:
     if old is not None:
         _check_same_run(out, old, identity, complete)
     remove_stale_temps(out)
-    infer, spec = inference_encoder(spec)
+    log(precision_line(cfg.precision, "extract")[1])
+    infer, spec = inference_encoder(spec, identity["precision"], grid=cfg.grid)
     identity["cnn"] = spec.to_dict()
     t0 = time.perf_counter()
     if old is not None:
@@ -257,7 +288,8 @@ def _run(cfg: ExtractConfig, out: Path, log) -> ExtractResult:
         try:
             attrs = _static_attrs(cfg, spec, identity, rows, len(rows_all))
             writer = create_store(out, rows.keys, rows.image_ids, dim=FEATURE_DIM, views=cfg.views,
-                                  dtype=cfg.dtype, attrs=attrs)
+                                  dtype=cfg.dtype, attrs=attrs,
+                                  grid=(grid_size(spec.image_size),) * 2 if cfg.grid else None)
         except OSError as err:
             raise InputError(f"cannot create {out}: {err}") from None
     with writer:

@@ -8,6 +8,9 @@ partials remain or after max_length - 1 steps; return the complete pool, else th
 im2txt keeps both pools in heaps, whose order on equal scores is implementation-defined. Here the pools are
 plain lists sorted stably, which fixes the tie rule that beam.search shares: words by (log-prob desc, id asc),
 candidates in (parent rank, word rank) order, the complete pool as old pool + new completions.
+
+For the tests that compare a search with it: `make_table` (random log-prob tables full of the cases the tie
+and probability rules decide) and `as_tuples` (a search's captions in the reference's output format).
 """
 
 from __future__ import annotations
@@ -85,3 +88,32 @@ def reference_beam_search(initial_state, step_fn, **kwargs):
     """reference_one for every image of a batched initial_state (array or tuple of arrays, leading dim B)."""
     b = (initial_state[0] if isinstance(initial_state, tuple) else initial_state).shape[0]
     return [reference_one(_rows(initial_state, i), step_fn, **kwargs) for i in range(b)]
+
+
+def as_tuples(result) -> list:
+    """Captions of a batched search ([[Caption]]) as the reference returns them: [[(tokens, logprob, score,
+    complete)]]."""
+    return [[(c.tokens, c.logprob, c.score, c.complete) for c in caps] for caps in result]
+
+
+def make_table(rng: np.random.Generator, rows: int, vocab: int, quantize="none", tiny: float = 0.0,
+               no_end_id: int | None = None, nan: bool = False) -> np.ndarray:
+    """Random log-prob rows float32 [rows, vocab]. quantize "round": log-softmax of rounded logits (words
+    tie); "dyadic": log-probs in {0, 1, 2, 4} * log(1/2), so that sums of different captions tie exactly
+    (the pool's tie rule). `tiny` is the share of words with p ~ 1e-26 (< 1e-12); `no_end_id` makes that
+    word (</S>) unreachable (the partial fallback); `nan` sprinkles NaN log-probs."""
+    logits = rng.normal(size=(rows, vocab)) * 2
+    if quantize == "round":
+        logits = np.round(logits)
+    if quantize == "dyadic":
+        logits = rng.choice([0.0, 1.0, 2.0, 4.0], size=(rows, vocab)) * np.float32(np.log(0.5))
+    logits[rng.random((rows, vocab)) < tiny] = -60.0
+    if no_end_id is not None:
+        logits[:, no_end_id] = -60.0
+    if quantize != "dyadic":
+        logits -= logits.max(axis=1, keepdims=True)
+        logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    table = logits.astype(np.float32)
+    if nan:
+        table[rng.random(table.shape) < 0.15] = np.nan
+    return table

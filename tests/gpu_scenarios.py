@@ -26,7 +26,13 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import numpy as np  # noqa: E402
 
-from base.devices import choose_strategy, default_precision, quiet_tensorflow, use_fake_gpus  # noqa: E402
+from base.devices import (  # noqa: E402
+    choose_strategy,
+    default_precision,
+    quiet_tensorflow,
+    use_fake_cpu_flags,
+    use_fake_gpus,
+)
 
 tf = quiet_tensorflow()
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
@@ -230,4 +236,5 @@ SCENARIOS = {"extract": scenario_extract, "train": scenario_train}
 if __name__ == "__main__":
     name, workdir = sys.argv[1], Path(sys.argv[2])
     workdir.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(SCENARIOS[name](workdir)))
+    with use_fake_cpu_flags(()):  # the CPU reference runs float32 also on a CPU with native bfloat16
+        print(json.dumps(SCENARIOS[name](workdir)))

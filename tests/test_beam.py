@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from beam_reference import reference_beam_search
+from beam_reference import as_tuples, make_table, reference_beam_search
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,20 +38,6 @@ class TableModel:
         return self.table[row], new
 
 
-def make_table(rng: np.random.Generator, rows: int, vocab: int, quantize: bool, tiny: float) -> np.ndarray:
-    """Random log-softmax rows; quantized logits give ties, `tiny` is the share of words with p ~ 1e-17."""
-    logits = rng.normal(size=(rows, vocab)) * 2
-    if quantize:
-        logits = np.round(logits)
-    logits[rng.random((rows, vocab)) < tiny] = -60.0
-    logits -= logits.max(axis=1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-
-
-def as_tuples(result):
-    return [[(c.tokens, c.logprob, c.score, c.complete) for c in caps] for caps in result]
-
-
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), images=st.integers(1, 4), vocab=st.integers(2, 7),
        rows=st.integers(1, 5), beam=st.integers(1, 4), max_length=st.integers(1, 7),
@@ -60,7 +46,7 @@ def as_tuples(result):
 def test_batched_equals_per_image_reference(seed, images, vocab, rows, beam, max_length, alpha, quantize,
                                             tiny, ngram, suppress, tuple_state):
     rng = np.random.default_rng(seed)
-    model = TableModel(make_table(rng, rows, vocab, quantize, tiny), tuple_state)
+    model = TableModel(make_table(rng, rows, vocab, "round" if quantize else "none", tiny), tuple_state)
     init = model.initial_state(rng.integers(0, 50, images))
     unk = vocab - 1
     kw = dict(start_id=0, end_id=1 % vocab, max_length=max_length, no_repeat_ngram=ngram)
@@ -206,7 +192,7 @@ def test_no_repeat_ngram_and_suppress_unk():
 def test_tensorflow_tensors_work():
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(3)
-    model = TableModel(make_table(rng, 4, 9, True, 0.1))
+    model = TableModel(make_table(rng, 4, 9, "round", 0.1))
     init = model.initial_state(np.arange(5))
 
     def tf_step(tokens, state):

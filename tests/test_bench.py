@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # bench file -> its headline line (the last one), the ratio in group 1
 HEADLINES = {
+    "attention.py": r"headline: streamed / in-memory attention train step: (\S+) \(target >= 0\.90\)",
     "beam.py": r"speed-up batched / per-image: (\S+)x \(target >= 10x\)",
     "extract.py": r"extract / ceiling: (\S+) \(target >= 0\.90\)",
     "export.py": r"exported / caption \(worse of batch 1 and \d+\): (\S+) \(target >= 0\.90\)",

@@ -77,6 +77,7 @@ def coco(shared_data):
     return cands, refs
 
 
+@pytest.mark.slow
 def test_corpus_df_equals_pycocoevalcap_on_coco(coco):
     cands, refs = coco
     words = sorted({w for c in cands for w in c} | {w for rs in refs for r in rs for w in r})

@@ -1,6 +1,7 @@
 """README.md and docs/*.md: every relative link resolves (file, and `#anchor` = a GitHub heading slug), every
-repository path and module they name exists, every docs/ file is reachable from the README, and the README's
-first two shell commands are `make demo` and `make test`, both Makefile targets. Pure text: no TensorFlow."""
+repository path and module they name exists, every docs/ file is reachable from the README, the README's
+first two shell commands are `make demo` and `make test`, both Makefile targets, and docs/architecture.md
+has a section per package and names every module file. Pure text: no TensorFlow."""
 
 import re
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+ARCHITECTURE = REPO / "docs" / "architecture.md"
 DOC_FILES = [README, *sorted((REPO / "docs").glob("*.md"))]
-PACKAGES = ("beam", "data", "decoder", "evaluation", "extract")
+PACKAGES = tuple(sorted(p.parent.name for p in REPO.glob("*/__init__.py")))  # the top-level packages
 FOLDERS = (*PACKAGES, "bench", "tests", "docs")
 FILE_SUFFIXES = {"h5", "json", "jsonl", "txt", "py", "npz", "html", "md", "ckpt", "index", "jpg"}
 
@@ -167,31 +169,67 @@ def test_named_paths_and_modules_exist(doc):
     assert not problems, "\n".join(problems)
 
 
-def layout_paths(text: str) -> list[str]:
-    """The paths of the README's layout tree (the fenced block starting with `cli.py`): the first word of
-    each line, nested by two-space indentation under the folders (`name/`) above it."""
+def project_packages() -> list[str]:
+    """Every package of the project, sub-packages included ("decoder/train"): folders with an __init__.py."""
+    return sorted(rel(init.parent) for top in PACKAGES for init in (REPO / top).rglob("__init__.py"))
+
+
+def module_files() -> list[str]:
+    """Every module file of the project: the packages' .py files (but __init__.py), the top-level scripts
+    (cli.py) and the benchmarks, as paths relative to the repository."""
+    files = [f for top in PACKAGES for f in (REPO / top).rglob("*.py") if f.name != "__init__.py"]
+    files += [*REPO.glob("*.py"), *(REPO / "bench").glob("*.py")]
+    return sorted(rel(f) for f in files if "__pycache__" not in f.parts)
+
+
+def heading_words(path: Path) -> set[str]:
+    """The first word of every heading of a markdown file (e.g. "decoder/train/")."""
+    prose, _ = split_fences(path.read_text(encoding="utf-8"))
+    return {match.group(2).split()[0].rstrip(",") for line in prose if (match := _HEADING.match(line))}
+
+
+def architecture_problems(path: Path) -> list[str]:
+    """What docs/architecture.md (at `path`) misses: a package without its own section (a heading that
+    starts with `pkg/`), a module file not named in a code span, a named path (a code span ending in .py or /)
+    that does not exist."""
+    spans = {span for _, span in code_spans(path)}
+    headings = heading_words(path)
+    problems = [f"no section for the package {p}/" for p in project_packages() if f"{p}/" not in headings]
+    problems += [f"the module file {f} is not named" for f in module_files() if f not in spans]
+    named = {s for s in spans | headings if " " not in s and s.endswith((".py", "/"))}
+    problems += [f"`{s}` does not exist" for s in sorted(named) if not (REPO / s).exists()]
+    return problems
+
+
+def test_architecture_has_every_package_and_module_and_only_real_paths():
+    assert len(project_packages()) >= 8 and "base" in PACKAGES and "decoder/train" in project_packages()
+    assert "cli.py" in module_files() and "decoder/train/loop.py" in module_files()
+    problems = architecture_problems(ARCHITECTURE)
+    assert not problems, "docs/architecture.md: " + "; ".join(problems)
+
+
+def test_architecture_check_catches_a_missing_module_and_a_stale_path(tmp_path):
+    """The completeness check itself: a module file dropped from the page, a package section dropped, and a
+    path that no longer exists are each reported."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    page = tmp_path / "architecture.md"
+    page.write_text(text.replace("`beam/graph.py`", "`beam/gone.py`").replace("### decoder/infer/", "### x"),
+                    encoding="utf-8")
+    problems = architecture_problems(page)
+    assert "the module file beam/graph.py is not named" in problems
+    assert "`beam/gone.py` does not exist" in problems
+    assert "no section for the package decoder/infer/" in problems
+
+
+def test_readme_keeps_a_short_overview_and_links_the_architecture():
+    """The file map lives in docs/architecture.md: the README names each package once in a short overview
+    (no file-by-file tree) and links the page."""
+    text = README.read_text(encoding="utf-8")
     _, blocks = split_fences(text)
-    tree = next((lines for _, lines in blocks if lines and lines[0].startswith("cli.py")), None)
-    assert tree is not None, "README.md has no layout tree (a fenced block starting with cli.py)"
-    stack: list[str] = []
-    paths = []
-    for line in tree:
-        if not line.strip():
-            continue
-        depth = (len(line) - len(line.lstrip(" "))) // 2
-        name = line.split()[0]
-        stack = stack[:depth]
-        paths.append("".join(stack) + name)
-        if name.endswith("/"):
-            stack.append(name)
-    return paths
-
-
-def test_readme_layout_tree_names_existing_files():
-    paths = layout_paths(README.read_text(encoding="utf-8"))
-    assert len(paths) > 20
-    missing = [p for p in paths if not (REPO / p).exists()]
-    assert not missing, f"the README's layout tree names missing files: {missing}"
+    assert not any(lines and lines[0].startswith("cli.py") for _, lines in blocks), "a file tree in README"
+    linked = {(README.parent / t.partition("#")[0]).resolve() for _, t in links(README)}
+    assert ARCHITECTURE.resolve() in linked
+    assert all(f"`{p}/`" in text for p in PACKAGES)
 
 
 def test_every_doc_is_linked_from_the_readme():

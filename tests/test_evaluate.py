@@ -32,6 +32,7 @@ def trained(tmp_path_factory):
     return root, store, captions, root / "model", result
 
 
+@pytest.mark.slow
 def test_writes_coco_results_metrics_table_and_report(trained):
     root, store, captions, model_dir, _ = trained
     out = root / "out"
@@ -57,6 +58,7 @@ def test_writes_coco_results_metrics_table_and_report(trained):
     assert not list(out.glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_perplexity_is_the_decoders_validation_perplexity(trained):
     from decoder.infer.evaluate import EvalConfig, run_evaluate
 
@@ -96,6 +98,7 @@ def test_skips_rows_without_features_and_counts_them(tmp_path):
     assert "skipped 2 (decode 1, missing 1)" in ev.summary()
 
 
+@pytest.mark.slow
 def test_bad_arguments_stop_with_one_sentence(trained, tmp_path):
     root, store, captions, model_dir, _ = trained
     base = ["--model-dir", model_dir, "--captions", captions, "--out-dir", tmp_path / "o"]

@@ -107,7 +107,7 @@ def export(*args):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """3 COCO-named JPEGs + 3 bad files, their float32 store (75 px, random CNN), a tiny decoder model dir,
-    exported twice: A with the default search, B with SEARCH_B (written with --overwrite over a junk file)."""
+    exported twice: A with the default search, B with SEARCH_B (written with --overwrite over a copy of A)."""
     root = tmp_path_factory.mktemp("export")
     images, bad = root / "images", root / "bad"
     images.mkdir()
@@ -119,20 +119,21 @@ def tiny(tmp_path_factory):
     store, model_dir = tiny_caption_model(root, images)
     code, out = export("--model-dir", model_dir, "--out", root / "exported" / "1")
     assert code == 0, out
-    (root / "exported" / "2").mkdir()
-    (root / "exported" / "2" / "junk.txt").write_text("old")
+    shutil.copytree(root / "exported" / "1", root / "exported" / "2")  # --overwrite replaces only an export
+    (root / "exported" / "2" / "assets.extra" / "stale.txt").write_text("old")
     code, out_b = export("--model-dir", model_dir, "--out", root / "exported" / "2", "--overwrite", *SEARCH_B)
     assert code == 0, out_b
     return {"root": root, "good": good, "bad": sorted(bad.iterdir()), "store": store, "model_dir": model_dir,
             "a": root / "exported" / "1", "b": root / "exported" / "2", "summary": out}
 
 
+@pytest.mark.slow
 def test_export_writes_a_savedmodel_and_refuses_bad_arguments(tiny):
     a, b = tiny["a"], tiny["b"]
     assert (a / "saved_model.pb").is_file() and (a / "variables").is_dir() and a.with_name("1.lock").exists()
     summary = tiny["summary"]
     assert "export: " in summary and "captions [N, 3]" in summary and " MB | " in summary
-    assert not (b / "junk.txt").exists() and (b / "saved_model.pb").is_file()  # --overwrite replaced it
+    assert not (b / "assets.extra" / "stale.txt").exists() and (b / "saved_model.pb").is_file()  # replaced
     assert sorted(p.name for p in a.parent.iterdir()) == ["1", "1.lock", "2", "2.lock"]  # no temp folder left
     code, out = export("--model-dir", tiny["model_dir"], "--out", a)
     assert code == 2 and "not empty" in out and "--overwrite" in out
@@ -151,6 +152,7 @@ def test_export_writes_a_savedmodel_and_refuses_bad_arguments(tiny):
 @pytest.mark.parametrize("option,value", [("--beam-size", "0"), ("--beam-size", "65"), ("--max-length", "1"),
                                           ("--top", "0"), ("--top", "4"), ("--length-normalization", "-1"),
                                           ("--length-normalization", "nan")])
+@pytest.mark.slow
 def test_bad_numbers_fail_before_tensorflow_starts(option, value):
     code = ("import sys\nfrom cli import main\n"
             f"try:\n    main(['export', '--model-dir', 'm', '--out', 'o', '{option}', '{value}'])\n"
@@ -160,6 +162,7 @@ def test_bad_numbers_fail_before_tensorflow_starts(option, value):
     assert option in proc.stderr
 
 
+@pytest.mark.slow
 def test_parity_with_caption_in_a_process_without_the_project(tiny, tmp_path):
     """Images (good and bad rows in one batch) and cached features, two search settings."""
     files = [str(p) for p in tiny["good"][:2] + tiny["bad"] + tiny["good"][2:]]
@@ -181,6 +184,7 @@ def test_parity_with_caption_in_a_process_without_the_project(tiny, tmp_path):
     assert got[4] == {"captions": [], "log_probs": [], "ok": []}  # an empty request
 
 
+@pytest.mark.slow
 def test_parity_on_coco_photos(tiny, shared_data, tmp_path):
     from extract.run import ExtractConfig, run_extract
 
@@ -221,6 +225,7 @@ def real_layout_tensors(index: Path) -> dict:
             for n, s in tf.train.list_variables(str(index))}
 
 
+@pytest.mark.slow
 def test_parity_for_an_imported_im2txt_checkpoint(shared_data, tmp_path):
     """import-im2txt on a checkpoint with the community checkpoint's 383 names and shapes (12000-word
     decoder, slim InceptionV3 -> cnn.weights.h5) at 75 px, exported, vs `caption` on COCO photos and
@@ -256,6 +261,7 @@ def saved_model_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show_and_run(tiny, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     show = subprocess.run([*saved_model_cli(), "show", "--dir", str(tiny["a"]), "--all"], capture_output=True,

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_preprocess import make_good_images, make_odd_images
+from helpers import make_good_images, make_odd_images
 
 from base.errors import InputError, RunStopped
 from data.features import StoreWriter, open_store
@@ -21,7 +21,8 @@ BAD = {"odd/zero.jpg": "empty", "odd/text.jpg": "not-an-image", "odd/truncated.j
 
 
 def _cfg(out, **kw) -> ExtractConfig:
-    base = {"cnn_weights": "none", "image_size": S, "batch_size": 4, "dtype": "float32", "progress": False}
+    base = {"cnn_weights": "none", "image_size": S, "batch_size": 4, "dtype": "float32", "progress": False,
+            "precision": "float32"}  # the comparisons allow float32 round-off (bfloat16: test_precision.py)
     return ExtractConfig(out=str(out), **{**base, **kw})
 
 

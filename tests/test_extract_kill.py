@@ -1,14 +1,10 @@
 """A real `kill -9` of a running `python cli.py extract`, then a rerun: same bytes as an uninterrupted run."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import pytest
-from test_preprocess import make_good_images
+from helpers import kill_and_resume, make_good_images
 
 from data.features import open_store
 from extract.run import ExtractConfig, run_extract
@@ -25,36 +21,31 @@ def _rows_done(path) -> int:
         return -1
 
 
+def _state_at_kill(out) -> int:
+    """rows_done of the killed run's store, checked readable, not corrupt, not complete."""
+    with open_store(out, require_complete=False) as part:
+        assert not part.complete and BATCH <= part.rows_done < N and part.rows_done % BATCH == 0
+        return part.rows_done
+
+
 @pytest.mark.slow
 def test_kill9_mid_run_then_rerun_equals_uninterrupted_run(tmp_path, repo_root):
     images = tmp_path / "imgs"
     make_good_images(images, n=N, size=(60, 50))
     out = tmp_path / "f.h5"
-    args = [str(images), "--out", str(out), "--cnn-weights", "none", "--image-size", "75",
-            "--batch-size", str(BATCH), "--dtype", "float32"]
+    args = ["extract", images, "--out", out, "--cnn-weights", "none", "--image-size", "75",
+            "--batch-size", BATCH, "--dtype", "float32", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(repo_root), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([sys.executable, str(repo_root / "cli.py"), "extract", *args, "--no-progress"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    killed_at, deadline = -1, time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if out.exists() and _rows_done(out) >= 2 * BATCH:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = _rows_done(out)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=30)
-    output = proc.stdout.read().decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode}): {output[-2000:]}"
-    assert 0 < killed_at < N
-    with open_store(out, require_complete=False) as part:  # readable, not corrupt, not complete
-        assert not part.complete and BATCH <= part.rows_done < N and part.rows_done % BATCH == 0
-        done_before = part.rows_done
     cfg = ExtractConfig(out=str(out), paths=[str(images)], cnn_weights="none", image_size=75,
                         batch_size=BATCH, dtype="float32", progress=False)
-    resumed = run_extract(cfg)
+    run = kill_and_resume(args, lambda: out.exists() and _rows_done(out) >= 2 * BATCH,
+                          lambda: run_extract(cfg), inspect=lambda: _state_at_kill(out),
+                          reference=lambda: run_extract(ExtractConfig(**{**cfg.__dict__,
+                                                                         "out": str(tmp_path / "ref.h5")})),
+                          cwd=tmp_path, env=env)
+    done_before, resumed = run.at_kill, run.resumed
     assert resumed.skipped == done_before and resumed.done_now == N - done_before
-    reference = run_extract(ExtractConfig(**{**cfg.__dict__, "out": str(tmp_path / "ref.h5")}))
-    assert reference.done_now == N
+    assert run.reference.done_now == N
     with open_store(out) as a, open_store(tmp_path / "ref.h5") as b:
         assert a.keys == b.keys and a.ok.all() and b.ok.all()
         assert a.read_features().tobytes() == b.read_features().tobytes()

@@ -117,9 +117,10 @@ def test_optimizers_never_apply_a_skipped_step():
 def test_the_seam_selects_precision_and_local_strategy(monkeypatch):
     import tensorflow as tf
 
+    from base import devices
     from base.devices import accelerators, choose_strategy, default_precision, use_fake_gpus
 
-    with use_fake_gpus([]):
+    with use_fake_gpus([]), devices.use_fake_cpu_flags(()):  # CPU without native bfloat16 (docs/precision.md)
         assert accelerators() == [] and default_precision() == "float32"
     with use_fake_gpus(tf.config.list_logical_devices("CPU")[:1]):
         assert len(accelerators()) == 1 and default_precision() == "mixed_float16"

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from beam_reference import reference_beam_search
+from beam_reference import as_tuples, make_table, reference_beam_search
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,28 +38,6 @@ def tf_step(table):
     return step
 
 
-def make_table(rng, rows, vocab, quantize, tiny, no_end, nan) -> np.ndarray:
-    """Random log-prob rows [rows, vocab] float32. quantize "round": log-softmax of rounded logits (words
-    tie); "dyadic": log-probs in {0, 1, 2, 4} * log(1/2), so that sums of different captions tie exactly
-    (the pool's tie rule). `tiny` is the share of words with p ~ 1e-26 (< 1e-12), no_end makes </S>
-    unreachable (partial fallback), nan sprinkles NaN log-probs."""
-    logits = rng.normal(size=(rows, vocab)) * 2
-    if quantize == "round":
-        logits = np.round(logits)
-    if quantize == "dyadic":
-        logits = rng.choice([0.0, 1.0, 2.0, 4.0], size=(rows, vocab)) * np.float32(np.log(0.5))
-    logits[rng.random((rows, vocab)) < tiny] = -60.0
-    if no_end:
-        logits[:, E] = -60.0
-    if quantize != "dyadic":
-        logits -= logits.max(axis=1, keepdims=True)
-        logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    table = logits.astype(np.float32)
-    if nan:
-        table[rng.random(table.shape) < 0.15] = np.nan
-    return table
-
-
 def initial_state(images: np.ndarray):
     node = np.asarray(images, np.int64) * 7 + 3
     return node, np.zeros((node.size, 1), np.float32)
@@ -78,10 +56,6 @@ def compiled(beam: int, max_length: int, alpha: float):
     return run
 
 
-def as_tuples(result):
-    return [[(c.tokens, c.logprob, c.score, c.complete) for c in caps] for caps in result]
-
-
 def graph_captions(out) -> list:
     out = {k: v.numpy() for k, v in out.items()}
     return [captions_from_graph(out, i) for i in range(out["lengths"].shape[0])]
@@ -95,7 +69,7 @@ def graph_captions(out) -> list:
 def test_graph_equals_numpy_beam_search(seed, images, vocab, rows, beam, max_length, alpha, quantize, tiny,
                                         no_end, nan):
     rng = np.random.default_rng(seed)
-    table = make_table(rng, rows, vocab, quantize, tiny, no_end, nan)
+    table = make_table(rng, rows, vocab, quantize, tiny, E if no_end else None, nan)
     init = initial_state(rng.integers(0, 50, images))
     want = beam_search(init, np_step(table), start_id=S, end_id=E, beam_size=beam, max_length=max_length,
                        length_normalization=alpha)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
+from helpers import IM2TXT_SIZES, LSTM_IMG, tiny_tensors, write_vocab
 
 from base.errors import InputError
 from cli import main
@@ -13,7 +14,7 @@ from decoder.im2txt_import import LSTM_NAMES, check_out_dir, convert_decoder, im
 from decoder.modeldir import load_model_dir
 from extract.slim import CheckpointReader, save_tf1_checkpoint, slim_variable_names
 
-D, E, U, V = 2048, 8, 6, 13  # tiny decoder: feature dim (InceptionV3's), embedding, LSTM units, rows
+D, E, U, V = IM2TXT_SIZES  # tiny decoder: feature dim (InceptionV3's), embedding, LSTM units, rows
 
 
 def _sigmoid(x):
@@ -44,27 +45,6 @@ def im2txt_reference(t, features, words):
         outs.append(logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)))
         states.append(state)
     return states, outs
-
-
-LSTM_IMG = "image_embedding/weights"
-
-
-def tiny_tensors(lstm_names, seed=0):
-    """Random im2txt decoder tensors (tiny sizes) under the given LSTM (kernel, bias) names."""
-    rng = np.random.default_rng(seed)
-
-    def r(*shape):
-        return rng.uniform(-0.5, 0.5, shape).astype(np.float32)
-
-    return {LSTM_IMG: r(D, E) * 0.1, "seq_embedding/map": r(V, E), lstm_names[0]: r(E + U, 4 * U),
-            lstm_names[1]: r(4 * U), "logits/weights": r(U, V), "logits/biases": r(V),
-            "global_step": np.int64(1234)}
-
-
-def write_vocab(path, n_lines):
-    words = ["a", "<S>", "</S>", "dog"] + [f"w{i}" for i in range(n_lines - 4)]
-    path.write_text("\n".join(f"{w} {100 - i}" for i, w in enumerate(words)))
-    return path
 
 
 def check_steps(model, tensors, lstm_names):
@@ -181,6 +161,7 @@ def test_real_index_lists_383_variables(shared_data):
     assert set(slim_variable_names()) == {n for n in shapes if n.startswith("InceptionV3/")}
 
 
+@pytest.mark.slow
 def test_real_names_every_variable_used_once(real_import):
     tensors, report, _ = real_import
     assert len(tensors) == 383
@@ -189,6 +170,7 @@ def test_real_names_every_variable_used_once(real_import):
     assert report.skipped == ["global_step"] and report.global_step == 2000000
 
 
+@pytest.mark.slow
 def test_real_names_every_cnn_weight_filled(real_import):
     from extract.encoder import encoder_and_spec
 
@@ -204,6 +186,7 @@ def test_real_names_every_cnn_weight_filled(real_import):
     assert sorted(matched) == sorted(slim_variable_names())
 
 
+@pytest.mark.slow
 def test_real_names_model_dir_loads_with_file_ids(real_import, shared_data):
     tensors, report, model_dir = real_import
     loaded = load_model_dir(model_dir)

@@ -1,6 +1,7 @@
 """The code layout's rules, checked on the source: imports point one way between packages, no import cycle
 between modules, no `_private` name imported from another package, function-level imports only of heavy or
-optional libraries (or in cli.py, whose commands import their package lazily to keep `--help` fast)."""
+optional libraries (or in cli.py, whose commands import their package lazily to keep `--help` fast), and no
+test module importing another test module."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ ALLOWED = {  # package -> the packages of ours it may import; base is the bottom
     "evaluation": {"base", "data", "evaluation"},
     "decoder": {"base", "data", "extract", "beam", "evaluation", "decoder"},
 }
-LAZY_OK = {"tensorflow", "keras", "pycocoevalcap"}  # heavy or optional: may be imported inside functions
+LAZY_OK = {"tensorflow", "keras", "pycocoevalcap", "h5py", "pyarrow", "ray"}  # heavy or optional: may be
+# imported inside functions (h5py: 0.4 s, only base.outputs' store check needs it before cli's --help-fast
+# start; pyarrow, ray: the `shards` / `ray` extras)
 
 
 def _modules() -> dict[str, Path]:
@@ -102,4 +105,14 @@ def test_function_level_imports_are_only_heavy_or_optional_libraries(package):
            for name, path in _modules().items() if name.split(".")[0] == package
            for module, _, line, top in _imports(path)
            if not top and module.split(".")[0] not in LAZY_OK and module != "__future__"]
+    assert not bad, "\n".join(bad)
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared test code lives in helper modules of tests/ (helpers, beam_reference, gpu_scenarios, ...), never
+    in a test_*.py file or conftest.py that another test module imports."""
+    local = {path.stem for path in (REPO / "tests").glob("*.py")}
+    bad = [f"{path.relative_to(REPO)}:{line} imports {module}"
+           for path in (REPO / "tests").glob("*.py") for module, _, line, _ in _imports(path)
+           if module.split(".")[0] in local and module.split(".")[0].startswith(("test_", "conftest"))]
     assert not bad, "\n".join(bad)

@@ -111,6 +111,7 @@ def coco_reference(sample, one_meteor_jvm, tmp_path_factory):
 
 
 @needs_java
+@pytest.mark.slow
 def test_scores_equal_cocoevalcap(sample, one_meteor_jvm, coco_reference):
     ours = score_captions(*sample)
     assert one_meteor_jvm.meteor_p.poll() is not None  # evaluation.metrics used METEOR and stopped its JVM
@@ -126,6 +127,7 @@ def test_scores_equal_cocoevalcap(sample, one_meteor_jvm, coco_reference):
 
 
 @needs_java
+@pytest.mark.slow
 def test_ptb_tokenize_equals_pycocoevalcap(sample):
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -138,6 +140,7 @@ def test_ptb_tokenize_equals_pycocoevalcap(sample):
 
 
 @needs_java
+@pytest.mark.slow
 def test_fallback_tokenizer_close_to_ptb(sample, monkeypatch, tmp_path):
     """Without java the fallback tokenizer is used, METEOR skipped with a note; scores stay near PTB's."""
     results, references = sample
@@ -218,6 +221,7 @@ def test_spice_status(tmp_path):
 
 
 @needs_java
+@pytest.mark.slow
 def test_meteor_failure_becomes_a_note(monkeypatch):
     def broken(gts, res):
         raise ValueError("could not convert string to float: ''")

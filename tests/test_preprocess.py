@@ -1,78 +1,12 @@
 """decode_image on every odd case, and THE preprocessing function (eval and training)."""
 
-import struct
-import zlib
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import make_odd_images, photo
 from PIL import Image
 
 from extract.preprocess import BadImage, decode_image, error_category, preprocess, resize_size
-
-# ---- image makers (also used by tests/test_extract*.py) --------------------------------------------------
-
-
-def photo(size=(40, 30), seed=0) -> Image.Image:
-    """A smooth RGB test picture (compresses like a photo)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = rng.uniform(0, 255, 3)
-    arr = np.stack([(xx * 5 + base[0]) % 256, (yy * 7 + base[1]) % 256, (xx + yy + base[2]) % 256], -1)
-    return Image.fromarray(arr.astype(np.uint8))
-
-
-def bomb_png(path: Path, width=100_000, height=100_000) -> Path:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
-    photo((2, 2)).save(path, format="PNG")
-    data = bytearray(path.read_bytes())
-    ihdr = 8 + 8  # signature, then length + "IHDR"
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[12 : ihdr + 13])) & 0xFFFFFFFF
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    path.write_bytes(bytes(data))
-    return path
-
-
-def make_good_images(folder: Path, n=6, size=(40, 30)) -> list[Path]:
-    """n plain JPEGs img00.jpg ... in folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"img{i:02d}.jpg"
-        photo((size[0] + i, size[1] + 2 * i), seed=i).save(p, quality=90)
-        paths.append(p)
-    return paths
-
-
-def make_odd_images(folder: Path) -> dict[str, str | None]:
-    """Odd files named .jpg; returns {file name: expected error category, or None when it must decode}."""
-    folder.mkdir(parents=True, exist_ok=True)
-    base = photo((50, 40), seed=7)
-    rgba = base.convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
-    rgba.save(folder / "rgba_png.jpg", format="PNG")
-    Image.fromarray((np.arange(50 * 40).reshape(40, 50) * 30).astype(np.uint16)).save(
-        folder / "grey16_png.jpg", format="PNG")
-    base.save(folder / "gif.jpg", format="GIF")
-    base.save(folder / "bmp.jpg", format="BMP")
-    base.save(folder / "webp.jpg", format="WEBP")
-    base.convert("CMYK").save(folder / "cmyk.jpg", format="JPEG")
-    base.save(folder / "progressive.jpg", format="JPEG", progressive=True)
-    photo((4, 4)).save(folder / "tiny.jpg")
-    (folder / "zero.jpg").write_bytes(b"")
-    (folder / "text.jpg").write_text("this is not an image\n")
-    full = folder / "full.jpg"
-    base.save(full, format="JPEG")
-    (folder / "truncated.jpg").write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
-    full.unlink()
-    bomb_png(folder / "bomb.jpg")
-    return {"rgba_png.jpg": None, "grey16_png.jpg": None, "gif.jpg": None, "bmp.jpg": None, "webp.jpg": None,
-            "cmyk.jpg": None, "progressive.jpg": None, "tiny.jpg": None, "zero.jpg": "empty",
-            "text.jpg": "not-an-image", "truncated.jpg": "truncated", "bomb.jpg": "bomb"}
-
 
 # ---- decode_image ---------------------------------------------------------------------------------------
 

@@ -13,8 +13,15 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import REPO, write_store
-from test_preprocess import make_good_images
+from helpers import (
+    REPO,
+    damaged_copy,
+    flip_bytes,
+    hold_lock,
+    make_good_images,
+    without_checksums,
+    write_store,
+)
 
 from base.errors import InputError, RunStopped
 from cli import main
@@ -72,6 +79,7 @@ print(json.dumps({"results": out, "tensorflow": "tensorflow" in sys.modules}))
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_every_numeric_option_is_range_checked_before_tensorflow():
     """One process, no TensorFlow import: each bad value is a usage error (exit 2) naming the option."""
     proc = subprocess.run([sys.executable, "-c", PARSE_AND_REPORT, json.dumps(BAD_OPTIONS)], cwd=REPO,
@@ -101,13 +109,6 @@ def _store(path, n=40, dim=64, seed=0):
     return write_store(path, [f"k{i}.jpg" for i in range(n)], feats), feats
 
 
-def _flip(path, offset, count=64):
-    data = bytearray(path.read_bytes())
-    for i in range(offset, min(offset + count, len(data))):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_new_stores_carry_checksums_and_a_damaged_chunk_is_refused(tmp_path):
     path, feats = _store(tmp_path / "f.h5")
     with h5py.File(path, "r") as f:
@@ -117,26 +118,15 @@ def test_new_stores_carry_checksums_and_a_damaged_chunk_is_refused(tmp_path):
         assert int.from_bytes(raw[-4:], "little") == fletcher32(raw[:-4])  # HDF5's own checksum
     with open_store(path) as s:
         np.testing.assert_array_equal(s.read_features(), feats.astype(np.float16))
-    _flip(path, offset + 2000)  # 64 bytes in the middle of the feature values
+    flip_bytes(path, offset + 2000)  # 64 bytes in the middle of the feature values
     with open_store(path) as s, pytest.raises(InputError) as err:
         s.read_features([5, 1])
     assert f"feature store {path} is damaged: rows 0..39 of /features fail their checksum" in str(err.value)
 
 
-def _without_checksums(src, dst):
-    """A copy of store `src` as stores were written before checksums (contiguous, unfiltered)."""
-    with h5py.File(src, "r") as a, h5py.File(dst, "w") as b:
-        for name, dset in a.items():
-            b.create_dataset(name, data=dset[()], dtype=dset.dtype)
-        for key, value in a.attrs.items():
-            if key != "rows_writing":
-                b.attrs[key] = value
-    return dst
-
-
 def test_old_stores_load_as_before_and_nonfinite_values_are_refused(tmp_path):
     src, feats = _store(tmp_path / "new.h5")
-    old = _without_checksums(src, tmp_path / "old.h5")
+    old = without_checksums(src, tmp_path / "old.h5")
     with open_store(old) as s:
         assert not s._f["features"].fletcher32
         np.testing.assert_array_equal(s.read_features(), feats.astype(np.float16))
@@ -152,20 +142,6 @@ def test_old_stores_load_as_before_and_nonfinite_values_are_refused(tmp_path):
             s.read_features()
 
 
-def damaged_copy(src, dst):
-    """A copy of store `src` at `dst` with the first 8-byte flip (scanning from the start, past the HDF5
-    signature) that breaks its metadata so that h5py fails while opening it."""
-    for offset in range(8, 4096, 8):
-        dst.write_bytes(src.read_bytes())
-        _flip(dst, offset, 8)
-        try:
-            open_store(dst).close()
-        except InputError as err:
-            if "damaged and cannot be read" in str(err):
-                return dst
-    raise AssertionError(f"no flip damaged the metadata of {src}")
-
-
 @pytest.mark.parametrize("where", ["start", "end"])
 def test_damaged_hdf5_metadata_is_one_input_error(tmp_path, where):
     src, _ = _store(tmp_path / "f.h5")
@@ -174,7 +150,7 @@ def test_damaged_hdf5_metadata_is_one_input_error(tmp_path, where):
     path = tmp_path / "x.h5"
     for offset in offsets:
         path.write_bytes(src.read_bytes())
-        _flip(path, offset, 8)
+        flip_bytes(path, offset, 8)
         try:
             with open_store(path) as s:
                 s.read_features()
@@ -203,7 +179,7 @@ def test_damaged_shard_merge_is_one_error_line(tmp_path):
         paths.append(str(writer.path))
     with h5py.File(paths[1], "r") as f:
         offset = f["features"].id.get_chunk_info(0).byte_offset
-    _flip(tmp_path / "s1.h5", offset + 100)
+    flip_bytes(tmp_path / "s1.h5", offset + 100)
     result = CliRunner().invoke(main, ["merge-features", *paths, "--out", str(tmp_path / "m.h5")])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"Error: feature store {paths[1]} is damaged: rows 0..19 of /features")
@@ -233,23 +209,7 @@ def test_a_write_torn_by_a_kill_is_resealed_on_resume(tmp_path):
         assert s.read_features().tobytes() == feats.tobytes()
 
 
-HOLD_LOCK = """
-import sys, time
-from base.locks import exclusive
-with exclusive(sys.argv[1], folder=sys.argv[2] == "folder"):
-    print("locked", flush=True)
-    time.sleep(120)
-"""
-
-
-def hold_lock(target, folder: bool = False) -> subprocess.Popen:
-    """A live process (no TensorFlow) holding the lock of `target` (a store, or a model dir) until killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(target), "folder" if folder else "file"],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True, env=ENV)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
+@pytest.mark.slow
 def test_extract_and_merge_outputs_are_locked_and_a_dead_lock_does_not_block(tmp_path):
     from extract.run import ExtractConfig, run_extract
 
@@ -351,5 +311,8 @@ def test_outputs_on_a_read_only_or_full_disk_are_refused_before_work(tmp_path, m
         check_output(tmp_path / "r" / "report.html", create_folders=True, what="--report")
     result = CliRunner().invoke(main, TD[:5] + ["--model-dir", str(tmp_path / "m"), "--steps", "1"])
     assert result.exit_code == 2 and "Error: --model-dir" in result.output and "No space" in result.output
-    result = CliRunner().invoke(main, EV + ["--features", "f.h5", "--report", str(tmp_path / "r.html")])
+    model = tmp_path / "model"  # exists (the model dir is checked before TensorFlow), its files are not read
+    model.mkdir()
+    result = CliRunner().invoke(main, ["evaluate", "--model-dir", str(model), *EV[3:], "--features", "f.h5",
+                                       "--report", str(tmp_path / "r.html")])
     assert result.exit_code == 2 and "Error: --out-dir folder" in result.output  # before the model is read

@@ -1,19 +1,26 @@
 """train-decoder: learning, overfitting, logging, kill -9 resume, and every bad-input case."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
-from helpers import REPO, TINY, cli, h5_datasets, make_dataset, write_store
+from helpers import (
+    TINY,
+    assert_same_weights,
+    checkpoint_steps,
+    cli,
+    h5_datasets,
+    kill_and_resume,
+    make_dataset,
+    write_store,
+)
 
 from base.errors import InputError
 from decoder.train.config import TrainConfig
 from decoder.train.train_decoder import DataConfig, train_decoder
+
+pytestmark = pytest.mark.slow  # every test here trains (or runs cli.py in a subprocess)
 
 
 def _train(store, captions, model_dir, units=16, scheme="auto", overwrite=False, vocab=None, **train):
@@ -60,31 +67,19 @@ def test_sgd_recipe_loss_goes_down_and_reports_skipped(tmp_path):
 
 def test_kill9_resume_ends_like_an_uninterrupted_run(tmp_path):
     store, captions = make_dataset(tmp_path / "d", n_images=30)
-    args = ["train-decoder", "--features", store, "--captions", captions, "--steps", 150,
-            "--checkpoint-every", 5, "--eval-every", 0, "--seed", 3, *TINY]
-    _train(store, captions, tmp_path / "ref", steps=150, seed=3)  # the same run, never interrupted
     model_dir = tmp_path / "m"
-    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *map(str, args), "--model-dir",
-                             str(model_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        ckpts = list((model_dir / "checkpoints").glob("ckpt-*.npz")) if model_dir.exists() else []
-        if any(int(p.stem.split("-")[1]) >= 20 for p in ckpts):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps = sorted(int(p.stem.split("-")[1]) for p in (model_dir / "checkpoints").glob("ckpt-*.npz"))
+    args = ["train-decoder", "--features", store, "--captions", captions, "--steps", 150,
+            "--checkpoint-every", 5, "--eval-every", 0, "--seed", 3, *TINY, "--model-dir", model_dir,
+            "--precision", "float32"]  # as the in-process reference (auto may pick bfloat16 on this CPU)
+    run = kill_and_resume(args, lambda: checkpoint_steps(model_dir)[-1:] >= [20], lambda: cli(*args),
+                          inspect=lambda: checkpoint_steps(model_dir),
+                          reference=lambda: _train(store, captions, tmp_path / "ref", steps=150, seed=3))
+    steps, out = run.at_kill, run.resumed
     assert steps and steps[-1] < 150, "the run finished before it could be killed"
-    out = cli(*args, "--model-dir", model_dir)
     assert f"resuming from checkpoint at step {steps[-1]}" in out.stderr and "step 150," in out.stdout
     rows = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows == sorted(set(rows)) and rows[-1] == 150
-    ref = h5_datasets(tmp_path / "ref" / "decoder.weights.h5")
-    got = h5_datasets(model_dir / "decoder.weights.h5")
-    assert ref.keys() == got.keys()
-    for name in ref:
-        np.testing.assert_allclose(got[name], ref[name], atol=1e-6, err_msg=name)
+    assert_same_weights(model_dir, tmp_path / "ref")
 
 
 @pytest.fixture

@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import REPO, TINY, h5_datasets, make_dataset
+
+pytestmark = pytest.mark.slow  # both tests train in subprocesses
 
 MIRRORED = """
 import json, sys
@@ -23,7 +26,7 @@ r = train_decoder(DataConfig({store!r}, [{captions!r}], min_word_count=1), {mode
                   TrainConfig(batch_size=8, steps=30, eval_every=0, checkpoint_every=10, optimizer="adam",
                               learning_rate=0.02),
                   embedding_size=16, lstm_units=16, progress=False, strategy=strategy, log=lambda m: None)
-m = r.trainable.objects["decoder"]
+m = r.trainable.decoder
 diff = max(float(tf.reduce_max(tf.abs(v.value.values[0] - v.value.values[1]))) for v in m.weights)
 print(json.dumps({{"replicas": strategy.num_replicas_in_sync, "diff": diff, "step": r.step}}))
 """

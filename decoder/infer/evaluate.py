@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from base.errors import InputError
+from base.outputs import check_command
 from beam import SearchConfig
 from data.captions import ImageRecord, load_annotations
 from data.pipeline import PairBatches, match_pairs
@@ -31,6 +32,7 @@ from decoder.infer.features import FeatureInput, ImageInput, StoreInput
 from decoder.train.step import DecoderTrainable, perplexity
 from evaluation.metrics import (
     MetricsResult,
+    check_scoring,
     format_metrics_table,
     score_captions,
     write_metrics_json,
@@ -59,6 +61,7 @@ class EvalConfig:
     max_images: int | None = None  # evaluate only the first N images of the split (None: all)
     use_java: str | bool = "auto"  # PTB tokenizer + METEOR: "auto" (when java is on the PATH), True, False
     progress: bool = True  # show tqdm bars
+    weights: str = "last"  # the model dir's "last" (decoder.weights.h5) or "best" (checkpoints/best.npz)
 
     def paths(self) -> tuple[Path, Path]:
         """(results JSON, metrics JSON) paths after defaults."""
@@ -104,10 +107,10 @@ class EvalResult:
 
 
 class _ArrayFeatures:
-    """The `data.pipeline.FeatureSource` interface over an in-memory float32 [n, D] array."""
+    """The `data.pipeline.FeatureSource` interface over an in-memory float32 [n, D] (grids: [n, L, D])."""
 
     def __init__(self, array: np.ndarray):
-        self.array = array
+        self.array, self.item_shape = array, tuple(array.shape[1:])
         self.store = type("Dims", (), {"dim": int(array.shape[1])})()  # PairBatches reads store.dim
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
@@ -116,6 +119,7 @@ class _ArrayFeatures:
 
 
 def _check(cfg: EvalConfig) -> None:
+    check_scoring(cfg.use_java)  # e.g. --java yes without java or pycocoevalcap: refused before any work
     if not cfg.features and not cfg.images:
         raise InputError("give the split's image features with --features FILE.h5, or --images DIR.")
     if cfg.batch_size < 1:
@@ -127,7 +131,11 @@ def _check(cfg: EvalConfig) -> None:
             raise InputError(f"output {path} is a folder; give a file name.")
     if cfg.report and Path(cfg.report).is_dir():
         raise InputError(f"--report {cfg.report} is a folder; give a file name like report.html.")
-    results, metrics = cfg.paths()  # every output writable (a probe write) before any work
+    results, metrics = cfg.paths()  # base.outputs: no output is an input, or a file showtell did not write
+    check_command("evaluate", {"model_dir": cfg.model_dir, "features": cfg.features, "images": cfg.images,
+                               "captions": cfg.captions, "results": str(results), "metrics": str(metrics),
+                               "report": cfg.report, "out_dir": None, "split": cfg.split})
+    # every output writable (a probe write) before any work
     check_output(results, create_folders=True, what="--results" if cfg.results else "--out-dir")
     check_output(metrics, create_folders=True, what="--metrics" if cfg.metrics else "--out-dir")
     if cfg.report:
@@ -190,12 +198,13 @@ def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print)
     """Evaluate the model dir on cfg.split; every bad argument raises InputError before the work starts."""
     start = time.perf_counter()
     _check(cfg)
-    captioner = Captioner(cfg.model_dir, search)
+    captioner = Captioner(cfg.model_dir, search, cfg.weights)
     records = split_records(cfg)
     files = image_files(records, cfg.images) if cfg.images else [None] * len(records)
     keys = [r.path for r in records]
     items = (StoreInput(captioner.loaded, cfg.features, keys, missing="skip") if cfg.features
              else ImageInput(captioner.loaded, files, keys))
+    log(captioner.loaded.weights.describe())  # after the argument checks: a refusal stays one line
     feats, used, skipped = split_features(items, cfg.batch_size, cfg.progress)
     for path, reason in skipped[:5]:
         log(f"skipped {path}: {reason}")

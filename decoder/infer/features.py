@@ -18,6 +18,7 @@ import numpy as np
 
 from base.errors import InputError
 from data.features import open_store
+from decoder.arches import grid_shape
 from decoder.modeldir import LoadedModel, check_store_fits, cnn_spec
 from extract.encoder import check_fingerprint
 from extract.pipeline import inference_encoder, make_dataset
@@ -36,13 +37,27 @@ def coco_image_id(key: str) -> int:
     return -1
 
 
+def reads_grid(loaded: LoadedModel) -> bool:
+    """True when the model dir's decoder reads the CNN grid (an attention decoder: decoder.arches)."""
+    return grid_shape(loaded.model.config) is not None
+
+
 def model_encoder(loaded: LoadedModel):
-    """infer(float32 [B, S, S, 3]) -> np.float32 [B, D]: the model dir's CNN, fingerprint-checked."""
+    """infer(float32 [B, S, S, 3]) -> np.float32 [B, D] (an attention decoder's: its grid cells [B, L, D]):
+    the model dir's CNN, fingerprint-checked."""
     spec = cnn_spec(loaded)
-    infer, built = inference_encoder(spec)
+    grid = reads_grid(loaded)
+    infer, built = inference_encoder(spec, grid=grid)
     check_fingerprint(built.fingerprint, loaded.cnn.get("fingerprint", ""),
                       f"the CNN built from {spec.weights}", str(loaded.model_dir))
-    return infer
+    if not grid:
+        return infer
+
+    def cells(images):  # [B, h, w, D] -> [B, L, D]
+        grid = infer(images)
+        return grid.reshape(len(grid), -1, grid.shape[-1])
+
+    return cells
 
 
 class FeatureInput:
@@ -61,12 +76,13 @@ class FeatureInput:
 
 
 class StoreInput(FeatureInput):
-    """Items from a feature store's rows (view 0 of a multi-view store: the eval crop)."""
+    """Items from a feature store's rows (view 0 of a multi-view store: the eval crop); for an attention
+    decoder the rows' grids, as cells [b, L, D]."""
 
     def __init__(self, loaded: LoadedModel, path, keys: list[str] | None = None, missing: str = "error"):
         """keys None: every row. A key not in the store: InputError (missing="error") or a skipped item
         (missing="skip"). InputError when the store's CNN or feature width is not the model's."""
-        self.path = path
+        self.path, self.grid = path, reads_grid(loaded)
         with open_store(path) as store:
             check_store_fits(store, loaded, path)
             index = {k: i for i, k in enumerate(store.keys)}
@@ -88,7 +104,13 @@ class StoreInput(FeatureInput):
         with open_store(self.path) as store:
             for b in range(0, len(todo), batch_size):
                 part = todo[b:b + batch_size]
-                feats = store.read_features([self.rows[j] for j in part]).astype(np.float32)
+                rows = [self.rows[j] for j in part]
+                if self.grid:
+                    grid = store.read_grid(rows).astype(np.float32)
+                    grid = grid[:, 0] if grid.ndim == 5 else grid
+                    yield part, grid.reshape(len(grid), -1, grid.shape[-1])
+                    continue
+                feats = store.read_features(rows).astype(np.float32)
                 yield part, (feats[:, 0] if feats.ndim == 3 else feats)
 
 

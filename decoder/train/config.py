@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from base.devices import default_precision
+from base.devices import PRECISIONS, resolve_precision
 from base.errors import InputError
 from decoder.config import config_from_dict
 
@@ -34,7 +34,8 @@ class TrainConfig:
     keep_checkpoints: int = 5  # keep the last N step checkpoints (the best-by-validation one is extra)
     val_batch_size: int = 256  # batch size of the validation pass
     max_val_pairs: int | None = None  # evaluate on at most this many validation pairs (None: all)
-    precision: str = "float32"  # "float32", "mixed_float16" (GPU) or "mixed_bfloat16"
+    precision: str = "float32"  # "float32", "mixed_float16" (loss-scaled) or "mixed_bfloat16"; "auto" until
+    # resolve_precision (base.devices.auto_precision: what this machine runs natively, per command)
     loss_scale: float = 32768.0  # initial dynamic loss scale for mixed_float16
     extra: dict = field(default_factory=dict)  # free-form settings of a caller (e.g. finetune's)
 
@@ -44,17 +45,19 @@ class TrainConfig:
             return float(self.learning_rate)
         return 2.0 if self.optimizer == "sgd" else 0.001
 
-    def resolve_precision(self) -> TrainConfig:
-        """Turn precision "auto" into mixed_float16 with accelerators, else float32; returns self."""
+    def resolve_precision(self, command: str = "train-decoder") -> TrainConfig:
+        """Turn precision "auto" into what `command` runs in on this machine (base.devices.auto_precision:
+        bfloat16 on Ampere+ GPUs and, per command, on CPUs with AMX/AVX512-BF16; float16 on older GPUs;
+        else float32); returns self. Other names are kept (validate checks them)."""
         if self.precision == "auto":
-            self.precision = default_precision()
+            self.precision = resolve_precision("auto", command)[0]
         return self
 
     def validate(self) -> None:
         """InputError (one sentence) on an impossible setting (the cli checks the same ranges first)."""
         if self.optimizer not in ("sgd", "adam"):
             raise InputError(f"Unknown optimizer {self.optimizer!r}: use sgd or adam.")
-        if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+        if self.precision not in PRECISIONS:
             raise InputError(f"Unknown precision {self.precision!r}: use float32, mixed_float16 or "
                              "mixed_bfloat16.")
         if not self.steps and not self.epochs:

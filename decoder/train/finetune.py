@@ -23,11 +23,11 @@ from base.digest import file_sha256
 from base.errors import InputError
 from base.locks import exclusive
 from data.captions import load_annotations
+from decoder.arches import refuse_attend
 from decoder.config import ModelConfig
 from decoder.model import build_decoder
 from decoder.modeldir import (
     CNN_WEIGHTS,
-    DECODER_WEIGHTS,
     cnn_spec,
     derived_run_dirs,
     load_cnn,
@@ -40,8 +40,9 @@ from decoder.modeldir import (
 from decoder.train.cnn_blocks import NUM_BLOCKS, StableNames, set_trainable_blocks
 from decoder.train.config import TrainConfig
 from decoder.train.distribute import worker_dir
-from decoder.train.image_batches import BadImages, ImageBatches, image_pairs
+from decoder.train.image_batches import BadImages, ImageBatches, ImagePairs, image_pairs
 from decoder.train.loop import TrainResult, train_loop
+from decoder.train.split_report import pairs_summary, split_report
 from decoder.train.step import Trainable
 from extract.encoder import FEATURE_DIM, MIN_IMAGE_SIZE, weights_fingerprint
 from extract.inputs import check_root
@@ -62,6 +63,7 @@ class FinetuneConfig:
     image_size: int | None = None  # CNN input size; None: the model dir's CNN image size
     decode_threads: int = 8  # threads decoding each batch's image files (PIL releases the GIL)
     max_caption_length: int | None = 100  # captions of more tokens are skipped and counted (None: no limit)
+    weights: str = "last"  # start from the model dir's "last" (decoder.weights.h5) or "best" weights
     extra: dict = field(default_factory=dict)  # free-form notes recorded in config.json
 
     def to_dict(self) -> dict:
@@ -87,7 +89,7 @@ class FinetuneTrainable(Trainable):
 
     def __init__(self, cnn, decoder):
         super().__init__({"decoder": decoder, "cnn": StableNames(cnn)})
-        self.cnn, self.decoder = cnn, decoder
+        self.cnn = cnn  # the Keras model (objects["cnn"] is its checkpoint view)
 
     def features(self, images):
         """float32 [b, S, S, 3] in [-1, 1] -> float32 [b, 2048]. b may be 0 (a replica's share of a last
@@ -101,20 +103,11 @@ class FinetuneTrainable(Trainable):
                                       batch["target_seqs"], batch["mask"], training=training, seed=seed)
 
 
-def _split_pairs(annotations, split: str, roots, vocab, log, max_words: int | None = None):
-    records = annotations.part(split)
-    if not records:
-        raise InputError(f"The {split} split of the caption file(s) is empty: check --split-scheme.")
-    pairs, files = image_pairs(records, roots, vocab, max_words)
-    s = pairs.stats
-    log(f"{split}: {s['pairs']} (image, caption) pairs from {s['images']} images; skipped "
-        f"{s['missing_image']} captions whose image is under no --images root"
-        + (f" (e.g. {s['missing_examples'][0]})" if s["missing_examples"] else "")
-        + (f", {s['too_long']} longer than --max-caption-length {max_words} (longest: "
-           f"{s['longest_skipped']} tokens)" if s["too_long"] else ""))
-    if not len(pairs):
-        raise InputError(f"No image of the {split} split was found under the --images root(s).")
-    return pairs, files
+def _split_pairs(annotations, split: str, roots, vocab, log, max_words: int | None = None) -> ImagePairs:
+    """The ImagePairs of `split`: its captions matched with files under the --images roots (split_report)."""
+    return split_report(annotations, split, lambda records: image_pairs(records, roots, vocab, max_words),
+                        lambda stats: pairs_summary(stats, "under no --images root", max_words, False),
+                        f"No image of the {split} split was found under the --images root(s).", log)
 
 
 def _check_args(cfg: FinetuneConfig, loaded) -> int:
@@ -136,7 +129,7 @@ def finetune(cfg: FinetuneConfig, out, train: TrainConfig, overwrite: bool = Fal
     """Fine-tune the CNN and decoder of `cfg.model_dir` into the new model dir `out` (resuming there).
 
     train.precision "auto": mixed_float16 on GPUs, else float32. `out` is locked for the whole run."""
-    train.resolve_precision().validate()
+    train.resolve_precision("finetune").validate()
     source_dir, out = derived_run_dirs(cfg.model_dir, out)
     strategy = strategy or choose_strategy()
     with exclusive(worker_dir(out, strategy), folder=True):
@@ -144,24 +137,26 @@ def finetune(cfg: FinetuneConfig, out, train: TrainConfig, overwrite: bool = Fal
 
 
 def _finetune(cfg, source_dir: Path, out: Path, train, overwrite, strategy, log, progress) -> TrainResult:
-    loaded = load_model_dir(source_dir)
+    loaded = load_model_dir(source_dir, cfg.weights)
+    refuse_attend(loaded.config, "finetune")
     image_size = _check_args(cfg, loaded)
+    log(f"start {loaded.weights.describe()}")
     roots = [check_root(r) for r in cfg.images]
     annotations = load_annotations(cfg.captions, fmt=cfg.caption_format, split_scheme=cfg.split_scheme)
     log(f"captions: {annotations.summary()}")
     vocab, model_config = loaded.vocab, ModelConfig.from_dict(loaded.config["model"])
-    train_pairs, train_files = _split_pairs(annotations, "train", roots, vocab, log, cfg.max_caption_length)
-    val_pairs, val_files = _split_pairs(annotations, "val", roots, vocab, log, cfg.max_caption_length)
+    train_pairs = _split_pairs(annotations, "train", roots, vocab, log, cfg.max_caption_length)
+    val_pairs = _split_pairs(annotations, "val", roots, vocab, log, cfg.max_caption_length)
     identity = {"source": str(source_dir.resolve()), "source_cnn_fingerprint": loaded.cnn.get("fingerprint"),
-                "source_decoder_sha256": file_sha256(source_dir / DECODER_WEIGHTS),
+                "source_decoder_sha256": file_sha256(loaded.weights.path),
                 "trainable_blocks": cfg.trainable_blocks, "image_size": image_size}
     config = make_config(model_config, vocab, loaded.cnn, COMMAND, {
         "train": train.to_dict(), "data": cfg.to_dict(), "finetune": identity})
     prepare_run_dir(out, config, ("model", "finetune"), overwrite, "--out")
     bad = BadImages(log)
-    source = ImageBatches(train_pairs, train_files, train.batch_size, train.seed, image_size, bad,
+    source = ImageBatches(train_pairs, train.batch_size, train.seed, image_size, bad,
                           threads=cfg.decode_threads)
-    val_source = ImageBatches(val_pairs, val_files, train.val_batch_size, train.seed, image_size, bad,
+    val_source = ImageBatches(val_pairs, train.val_batch_size, train.seed, image_size, bad,
                               threads=cfg.decode_threads)
     built = {}
 
@@ -170,7 +165,7 @@ def _finetune(cfg, source_dir: Path, out: Path, train, overwrite, strategy, log,
         start_run_dir(worker_dir(out, strategy), vocab, config)
         trained_layers = set_trainable_blocks(cnn, cfg.trainable_blocks)
         decoder = build_decoder(model_config, seed=train.seed)
-        decoder.load_weights(str(source_dir / DECODER_WEIGHTS))
+        decoder.set_weights(loaded.model.get_weights())  # the start weights (--weights last or best)
         log(f"CNN: InceptionV3 at {image_size} px from {built['start']['weights']} (fingerprint "
             f"{built['start']['fingerprint'][:12]}); training {len(trained_layers)} of "
             f"{sum(1 for layer in cnn.layers if layer.weights)} layers with weights"

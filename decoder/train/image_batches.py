@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,19 @@ def resolve_files(records, roots: list[Path]) -> tuple[list[str], list[str]]:
     return keys, files
 
 
-def image_pairs(records, roots: list[Path], vocab, max_words: int | None = None) -> tuple[PairSet, list[str]]:
-    """(pairs, files): pairs.rows index `files` (image paths); stats as data.pipeline.match_pairs
+@dataclass
+class ImagePairs(PairSet):
+    """A PairSet whose rows index `files` (image paths) instead of feature-store rows."""
+
+    files: list = field(default_factory=list)  # str [F]: the image files found under the --images roots
+
+
+def image_pairs(records, roots: list[Path], vocab, max_words: int | None = None) -> ImagePairs:
+    """The records' pairs whose image is a file under a root; stats as data.pipeline.match_pairs
     ("missing_image": captions whose image is under no root; "too_long": captions of > max_words tokens)."""
     keys, files = resolve_files(records, roots)
-    return match_pairs(records, keys, np.ones(len(keys), bool), vocab, max_words=max_words), files
+    pairs = match_pairs(records, keys, np.ones(len(keys), bool), vocab, max_words=max_words)
+    return ImagePairs(pairs.rows, pairs.captions, pairs.lengths, pairs.stats, files)
 
 
 class BadImages:
@@ -85,10 +94,10 @@ class ImageBatches(PairBatches):
     "target_seqs": int32 [b, T], "mask": float32 [b, T], "global_words": float32 []} (plans, `dataset`
     and `stream_dataset` from PairBatches). Each input pipeline decodes only its own replicas' images."""
 
-    def __init__(self, pairs: PairSet, files: list[str], batch_size: int, seed: int, image_size: int,
-                 bad: BadImages, config=None, threads: int = 8):
+    def __init__(self, pairs: ImagePairs, batch_size: int, seed: int, image_size: int, bad: BadImages,
+                 config=None, threads: int = 8):
         super().__init__(pairs, None, batch_size, seed, config)
-        self.files, self.image_size, self.bad = files, int(image_size), bad
+        self.files, self.image_size, self.bad = pairs.files, int(image_size), bad
         self.threads = max(1, int(threads))
         self._pool: ThreadPoolExecutor | None = None
         self._prep = {flag: self._prep_fn(flag) for flag in (False, True)}

@@ -85,6 +85,7 @@ def perplexity_validator(val_source, config: TrainConfig) -> Callable:
         ppl, words = perplexity(trainable, val_source, config.val_batch_size, config.max_val_pairs)
         return {"val_perplexity": ppl, "val_words": words}, ppl
 
+    validate.score_metric = ("val_perplexity", 1.0)  # the score is this metric times this sign (printed)
     return validate
 
 
@@ -119,8 +120,9 @@ def train_loop(build_trainable: Callable[[], Trainable], source, val_source, con
             "--epochs to train further); the model files were rewritten from its last checkpoint")
     else:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.val_metrics.items() if k != "val_words")
-        log(f"trained {result.step} steps ({result.epoch:.2f} epochs): {metrics} (best score "
-            f"{result.best_score:.4g}), train loss {result.train_loss:.4f} -> {run.out_dir}")
+        name, sign = getattr(run.validate, "score_metric", ("val_perplexity", 1.0))
+        log(f"trained {result.step} steps ({result.epoch:.2f} epochs): {metrics} (best {name} "
+            f"{sign * result.best_score:.4g}), train loss {result.train_loss:.4f} -> {run.out_dir}")
     return result
 
 

@@ -25,11 +25,12 @@ from base.devices import choose_strategy
 from base.digest import file_sha256
 from base.errors import InputError
 from base.locks import exclusive
+from beam.graph_sampling import graph_sample_search
 from data.captions import load_annotations
 from data.features import open_store
 from data.pipeline import FeatureSource, PipelineConfig
-from decoder.config import ModelConfig
-from decoder.model import build_decoder, sparse_cross_entropy
+from decoder.arches import build_model, grid_shape, model_config_from
+from decoder.model import sparse_cross_entropy
 from decoder.modeldir import (
     DECODER_WEIGHTS,
     check_store_fits,
@@ -43,7 +44,8 @@ from decoder.modeldir import (
 from decoder.train.config import TrainConfig
 from decoder.train.distribute import worker_dir
 from decoder.train.loop import TrainResult, train_loop
-from decoder.train.scst_data import BASELINES, CIDER_DF, CiderReward, ScstBatches, split_images
+from decoder.train.scst_data import BASELINES, CIDER_DF, CiderReward, ScstBatches, ScstImages, split_images
+from decoder.train.split_report import example, split_report
 from decoder.train.step import Trainable
 from evaluation.cider import CiderD
 
@@ -64,6 +66,7 @@ class ScstConfig:
     max_length: int = 16  # most tokens per sampled (and validation) caption, counting <S> and </S>
     cider_df: str = "train"  # CIDEr-D document frequencies: "train" references or "corpus" (the batch's)
     in_memory: str = "auto"  # hold the features in RAM: "auto" (when they fit), "yes", "no"
+    weights: str = "last"  # start from the model dir's "last" (decoder.weights.h5) or "best" weights
 
     def check(self) -> None:
         """InputError (one sentence) for an impossible setting."""
@@ -78,10 +81,12 @@ class ScstConfig:
         if self.max_length < 2:
             raise InputError(f"--max-length {self.max_length} is too small: a caption needs <S> and a word.")
 
-    def identity(self, source_dir: Path) -> dict:
-        """The settings a resumed run must share (config.json "scst")."""
+    def identity(self, source_dir: Path, weights_file: Path | None = None) -> dict:
+        """The settings a resumed run must share (config.json "scst"); weights_file: the start weights
+        (default the source's decoder.weights.h5; checkpoints/best.npz with --weights best)."""
         return {"source": str(source_dir.resolve()),
-                "source_decoder_sha256": file_sha256(source_dir / DECODER_WEIGHTS), "samples": self.samples,
+                "source_decoder_sha256": file_sha256(weights_file or source_dir / DECODER_WEIGHTS),
+                "samples": self.samples,
                 "baseline": self.baseline, "max_length": self.max_length,
                 "cider_df": self.cider_df}
 
@@ -102,57 +107,13 @@ def scst_recipe(**overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def sample_captions(model, features, num_samples: int, max_length: int, start_id: int, end_id: int,
-                    seed=None):
-    """Captions of `model` drawn inside the graph: sampled at temperature 1 (seed: int [2], stateless) or
-    greedy (seed None: arg-max, lowest id on ties). Each step runs the model only on the captions still
-    running (none has ended).
-
-    features float32 [B, D] -> (tokens int32 [B*K, L]: the words after <S> (K = num_samples, the samples of
-    image i in rows i*K..), end_id from a caption's </S> on, L <= max_length - 1 steps;
-    lengths int32 [B*K]: tokens up to and including </S>, or L for a caption cut at max_length).
-    """
-    h, c = model.initial_state(features)
-    if num_samples > 1:
-        h, c = tf.repeat(h, num_samples, axis=0), tf.repeat(c, num_samples, axis=0)
-    rows = tf.shape(h)[0]
-
-    def body(t, prev, h, c, running, tokens):
-        logp, (h, c) = model.step(prev, (h, c))
-        if seed is None:
-            word = tf.argmax(logp, axis=-1, output_type=tf.int32)
-        else:
-            draw = tf.random.stateless_categorical(logp, 1, tf.random.experimental.stateless_fold_in(seed, t))
-            word = tf.cast(draw[:, 0], tf.int32)
-        where = tf.stack([running, tf.fill(tf.shape(running), t)], axis=1)
-        tokens = tf.tensor_scatter_nd_update(tokens, where, word)
-        keep = tf.not_equal(word, end_id)
-        return (t + 1, tf.boolean_mask(word, keep), tf.boolean_mask(h, keep), tf.boolean_mask(c, keep),
-                tf.boolean_mask(running, keep), tokens)
-
-    def cond(t, prev, h, c, running, tokens):
-        return tf.logical_or(t < 1, tf.logical_and(t < max_length - 1, tf.size(running) > 0))
-
-    steps = max(max_length - 1, 1)
-    loop = (tf.constant(0), tf.fill([rows], tf.constant(start_id, tf.int32)), h, c, tf.range(rows),
-            tf.fill([rows, steps], tf.constant(end_id, tf.int32)))
-    loose = (tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([None, h.shape[1]]),
-             tf.TensorShape([None, c.shape[1]]), tf.TensorShape([None]), tf.TensorShape([None, steps]))
-    t, _, _, _, _, tokens = tf.while_loop(cond, body, loop, shape_invariants=loose, maximum_iterations=steps)
-    tokens = tokens[:, :t]  # [N, L]: the steps taken
-    ended = tf.equal(tokens, end_id)
-    lengths = tf.where(tf.reduce_any(ended, axis=1), tf.argmax(tf.cast(ended, tf.int32), axis=1,
-                                                               output_type=tf.int32) + 1, tf.shape(tokens)[1])
-    return tf.stop_gradient(tokens), tf.stop_gradient(lengths)
-
-
 class ScstTrainable(Trainable):
     """The decoder trained by REINFORCE with a baseline on batches {"features" float32 [b, D], "image_index"
     int32 [b], "global_words" float32 []} (decoder.train.scst_data.ScstBatches)."""
 
-    def __init__(self, model, reward: CiderReward, cfg: ScstConfig, start_id: int, end_id: int):
-        super().__init__({"decoder": model})
-        self.model, self.reward, self.cfg = model, reward, cfg
+    def __init__(self, decoder, reward: CiderReward, cfg: ScstConfig, start_id: int, end_id: int):
+        super().__init__({"decoder": decoder})
+        self.reward, self.cfg = reward, cfg
         self.start_id, self.end_id = int(start_id), int(end_id)
         self._greedy = None
 
@@ -161,8 +122,10 @@ class ScstTrainable(Trainable):
         return self.reward.peek_means()
 
     def _sample(self, features, num_samples, seed):
-        return sample_captions(self.model, features, num_samples, self.cfg.max_length, self.start_id,
-                               self.end_id, seed)
+        """(tokens int32 [b*K, L], lengths int32 [b*K]) of beam.graph_sampling.graph_sample_search."""
+        return graph_sample_search(self.decoder.initial_state(features), self.decoder.step,
+                                   start_id=self.start_id, end_id=self.end_id, num_samples=num_samples,
+                                   max_length=self.cfg.max_length, seed=seed)
 
     def loss_sums(self, batch, training, seed):
         """(-sum of advantage * log p over the sampled words / the global batch's sampled words float32 [],
@@ -181,12 +144,12 @@ class ScstTrainable(Trainable):
     def reinforce_sums(self, features, samples, lengths, advantage):
         """(-sum over sampled words of advantage * log p(word | image, words before) float32 [], sampled
         words float32 []). features float32 [b, D]; samples int32 [b*K, L], lengths int32 [b*K] (as
-        `sample_captions`); advantage float32 [b*K] (a constant: no gradient flows into it). log p comes
+        `graph_sample_search`); advantage float32 [b*K] (a constant: no gradient flows into it). log p comes
         from one teacher-forced pass (no dropout) with gradient."""
         advantage = tf.stop_gradient(advantage)
         k = tf.shape(samples)[0] // tf.maximum(tf.shape(features)[0], 1)
         inputs = tf.concat([tf.fill([tf.shape(samples)[0], 1], self.start_id), samples[:, :-1]], axis=1)
-        logits = self.model((tf.repeat(features, k, axis=0), inputs))  # float32 [b*K, L, V]
+        logits = self.decoder((tf.repeat(features, k, axis=0), inputs))  # float32 [b*K, L, V]
         real = tf.sequence_mask(lengths, tf.shape(samples)[1])
         nll = sparse_cross_entropy(tf.boolean_mask(logits, real), tf.boolean_mask(samples, real))  # -log p
         weight = tf.boolean_mask(tf.broadcast_to(advantage[:, None], tf.shape(samples)), real)
@@ -195,7 +158,8 @@ class ScstTrainable(Trainable):
     def greedy_captions(self, features) -> np.ndarray:
         """features float32 [b, D] -> greedy captions int32 [b, L] (end_id from </S> on)."""
         if self._greedy is None:
-            spec = tf.TensorSpec([None, self.model.config.feature_dim], tf.float32)
+            shape = getattr(self.decoder, "feature_shape", (self.decoder.config.feature_dim,))  # attend: L, D
+            spec = tf.TensorSpec([None, *shape], tf.float32)
             self._greedy = tf.function(lambda f: self._sample(f, 1, None)[0], input_signature=[spec])
         return self._greedy(tf.convert_to_tensor(features, tf.float32)).numpy()
 
@@ -215,6 +179,7 @@ def cider_validator(val_source: ScstBatches, references: list, reward: CiderRewa
         return ({"val_cider": score, "val_caption_length": float(np.concatenate(words).mean()),
                  **reward.take_means()}, -score)
 
+    validate.score_metric = ("val_cider", -1.0)  # lower is better in the loop: the score is -val_cider
     return validate
 
 
@@ -224,39 +189,39 @@ def train_scst(cfg: ScstConfig, out, train: TrainConfig, overwrite: bool = False
 
     train.precision "auto": mixed_float16 on GPUs, else float32. `out` is locked for the whole run."""
     cfg.check()
-    train.resolve_precision().validate()
+    train.resolve_precision("train-scst").validate()
     source_dir, out = derived_run_dirs(cfg.model_dir, out)
     strategy = strategy or choose_strategy()
     with exclusive(worker_dir(out, strategy), folder=True), open_store(cfg.features) as store:
         return _train_scst(cfg, source_dir, out, train, store, overwrite, strategy, log, progress)
 
 
-def _split(annotations, split: str, store, vocab, log):
-    records = annotations.part(split)
-    images = split_images(records, store.keys, store.ok, vocab)
-    s = images.stats
-    log(f"{split}: {len(images)} images with {s['captions']} reference captions; skipped "
-        f"{s['missing_image']} images not in the store"
-        + (f" (e.g. {s['missing_examples'][0]})" if s["missing_examples"] else "")
-        + f", {s['bad_image']} whose extraction failed")
-    if not len(images):
-        raise InputError(f"The {split} split has no image with features and references in {store.path}: "
-                         "check --captions, --split-scheme and --features.")
-    return images
+def _split(annotations, split: str, store, vocab, log) -> ScstImages:
+    """The ScstImages of `split`: its images with features in the store, with references (split_report)."""
+    return split_report(
+        annotations, split, lambda records: split_images(records, store.keys, store.ok, vocab),
+        lambda s: (f"{s['with_features']} images with {s['captions']} reference captions; skipped "
+                   f"{s['missing_image']} images not in the store{example(s)}, {s['bad_image']} whose "
+                   "extraction failed"),
+        f"The {split} split has no image with features and references in {store.path}: check --captions, "
+        "--split-scheme and --features.", log)
 
 
 def _train_scst(cfg, source_dir: Path, out: Path, train, store, overwrite, strategy, log, progress):
-    loaded = load_model_dir(source_dir)
+    loaded = load_model_dir(source_dir, cfg.weights)
     check_store_fits(store, loaded, cfg.features)
-    vocab, model_config = loaded.vocab, ModelConfig.from_dict(loaded.config["model"])
+    log(f"start {loaded.weights.describe()}")
+    vocab, model_config = loaded.vocab, model_config_from(loaded.config)
     annotations = load_annotations(cfg.captions, fmt=cfg.caption_format, split_scheme=cfg.split_scheme)
     log(f"captions: {annotations.summary()}")
     train_images = _split(annotations, "train", store, vocab, log)
     val_images = _split(annotations, "val", store, vocab, log)
     config = make_config(model_config, vocab, loaded.cnn, COMMAND, {
-        "train": train.to_dict(), "data": cfg.data_block(), "scst": cfg.identity(source_dir)})
+        "train": train.to_dict(), "data": cfg.data_block(),
+        "scst": cfg.identity(source_dir, loaded.weights.path)})
     prepare_run_dir(out, config, ("model", "scst"), overwrite, "--out")
-    features = FeatureSource(store, PipelineConfig(in_memory=cfg.in_memory), log=log)
+    features = FeatureSource(store, PipelineConfig(in_memory=cfg.in_memory), log=log,
+                             grid=grid_shape(model_config) is not None)  # an attention decoder reads grids
     source = ScstBatches(train_images, features, train.batch_size, train.seed)
     val_source = ScstBatches(val_images, features, train.val_batch_size, train.seed)
     reward = CiderReward(train_images.references, vocab.end_id, cfg.samples, cfg.baseline, cfg.cider_df)
@@ -265,15 +230,15 @@ def _train_scst(cfg, source_dir: Path, out: Path, train, store, overwrite, strat
 
     def build():
         start_run_dir(worker_dir(out, strategy), vocab, config)
-        model = build_decoder(model_config, seed=train.seed)
-        model.load_weights(str(source_dir / DECODER_WEIGHTS))
-        return ScstTrainable(model, reward, cfg, vocab.start_id, vocab.end_id)
+        decoder = build_model(model_config, seed=train.seed)
+        decoder.set_weights(loaded.model.get_weights())  # the start weights (--weights last or best)
+        return ScstTrainable(decoder, reward, cfg, vocab.start_id, vocab.end_id)
 
     def finish(trainable, directory, result):
         extra = {k: config[k] for k in ("train", "data", "scst")}
         extra["result"] = {**result.result_block(), "train_images": train_images.stats,
                            "val_images": val_images.stats}
-        save_model_dir(directory, trainable.model, model_config, vocab, loaded.cnn, extra=extra,
+        save_model_dir(directory, trainable.decoder, model_config, vocab, loaded.cnn, extra=extra,
                        cnn_weights_src=loaded.cnn_weights_path, command=COMMAND)
 
     return train_loop(build, source, val_source, train, out, strategy=strategy, log=log, finish=finish,

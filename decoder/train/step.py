@@ -22,11 +22,17 @@ LOSS_SCALE_PERIOD = 2000  # mixed_float16: the loss scale doubles after this man
 
 
 class Trainable:
-    """What the loop trains. `objects`: {name: keras model} checkpointed together (e.g. {"decoder": m})."""
+    """What the loop trains. `objects`: {name: keras model} checkpointed together; "decoder" (the
+    decoder.model.ShowAndTell, reached as `.decoder`) is always one of them."""
 
     def __init__(self, objects: dict):
         self.objects = dict(objects)
         self._eval = None
+
+    @property
+    def decoder(self):
+        """The decoder being trained (objects["decoder"]): what the model dir's decoder weights are."""
+        return self.objects["decoder"]
 
     @property
     def variables(self) -> list:
@@ -51,12 +57,12 @@ class Trainable:
 class DecoderTrainable(Trainable):
     """The decoder alone, trained from cached features (batch["features"] float32 [b, D])."""
 
-    def __init__(self, model):
-        super().__init__({"decoder": model})
+    def __init__(self, decoder):
+        super().__init__({"decoder": decoder})
 
     def loss_sums(self, batch, training, seed):
-        return self.objects["decoder"].loss_sums(batch["features"], batch["input_seqs"], batch["target_seqs"],
-                                                 batch["mask"], training=training, seed=seed)
+        return self.decoder.loss_sums(batch["features"], batch["input_seqs"], batch["target_seqs"],
+                                      batch["mask"], training=training, seed=seed)
 
 
 def perplexity(trainable: Trainable, source, batch_size: int, max_pairs: int | None = None

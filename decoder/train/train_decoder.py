@@ -16,11 +16,12 @@ from data.captions import load_annotations
 from data.features import open_store
 from data.pipeline import FeatureSource, PairBatches, PipelineConfig, feature_stats, match_pairs
 from data.vocab import Vocabulary
+from decoder.arches import ATTEND, AttendConfig, build_model
 from decoder.config import ModelConfig
-from decoder.model import build_decoder
 from decoder.modeldir import (
     CONFIG_FILE,
     VOCAB_FILE,
+    check_grid_fits,
     check_vocab,
     make_config,
     prepare_run_dir,
@@ -31,6 +32,7 @@ from decoder.modeldir import (
 from decoder.train.config import TrainConfig
 from decoder.train.distribute import worker_dir
 from decoder.train.loop import TrainResult, train_loop
+from decoder.train.split_report import pairs_summary, split_records, split_report
 from decoder.train.step import DecoderTrainable
 from extract.inputs import check_output_dir
 
@@ -72,36 +74,32 @@ def _load_vocab(data: DataConfig, model_dir: Path, train_records, overwrite: boo
     return vocab
 
 
-def _pairs(records, store, vocab, split: str, log, max_words: int | None = None):
-    if not records:
-        raise InputError(f"The {split} split of the caption file(s) is empty: check --split-scheme.")
-    pairs = match_pairs(records, store.keys, store.ok, vocab, max_words=max_words)
-    s = pairs.stats
-    log(f"{split}: {s['pairs']} (image, caption) pairs from {s['images']} images; skipped "
-        f"{s['missing_image']} captions whose image is not in the store"
-        + (f" (e.g. {s['missing_examples'][0]})" if s["missing_examples"] else "")
-        + f", {s['bad_image']} whose image failed extraction (/ok false)"
-        + (f", {s['too_long']} longer than --max-caption-length {max_words} (longest: "
-           f"{s['longest_skipped']} tokens)" if s["too_long"] else ""))
-    if not len(pairs):
-        raise InputError(f"No caption of the {split} split has an image in {store.path}: the store was "
-                         "extracted from other images.")
-    return pairs
+def _pairs(annotations, store, vocab, split: str, log, max_words: int | None = None):
+    """The PairSet of `split`: its captions matched with the store's good rows (split_report)."""
+    return split_report(
+        annotations, split, lambda records: match_pairs(records, store.keys, store.ok, vocab, max_words),
+        lambda stats: pairs_summary(stats, "not in the store", max_words),
+        f"No caption of the {split} split has an image in {store.path}: the store was extracted from other "
+        "images.", log)
 
 
 def train_decoder(data: DataConfig, model_dir, train: TrainConfig, embedding_size: int = 512,
                   lstm_units: int = 512, feature_norm: str = "none", pipeline: PipelineConfig | None = None,
-                  overwrite: bool = False, strategy=None, log=print, progress: bool = True) -> TrainResult:
+                  overwrite: bool = False, strategy=None, log=print, progress: bool = True,
+                  arch: str = "show-and-tell", attention_units: int = 512,
+                  attention_penalty: float = 1.0) -> TrainResult:
     """Train the decoder from cached features into `model_dir` (resuming when it holds a checkpoint).
+    arch "attend": the attention decoder (decoder.attend) over the store's grid (extract --grid).
 
     The model dir (this process's worker dir) is locked for the whole run; it must be writable (checked
     first, with a probe write: a read-only or full disk is refused before any work)."""
-    train.validate()
+    train.resolve_precision().validate()
     check_output_dir(model_dir, "--model-dir")
     strategy = strategy or choose_strategy()
     model_dir = Path(model_dir)
     with exclusive(worker_dir(model_dir, strategy), folder=True), open_store(data.features) as store:
-        return _train(data, model_dir, train, ModelShape(embedding_size, lstm_units, feature_norm),
+        shape = ModelShape(embedding_size, lstm_units, feature_norm, arch, attention_units, attention_penalty)
+        return _train(data, model_dir, train, shape,
                       pipeline or PipelineConfig(), store, overwrite, strategy, log, progress)
 
 
@@ -112,19 +110,30 @@ class ModelShape:
     embedding_size: int
     lstm_units: int
     feature_norm: str
+    arch: str = "show-and-tell"  # decoder.arches: show-and-tell (pooled features) or attend (the grid)
+    attention_units: int = 512  # attend: width of the attention MLP
+    attention_penalty: float = 1.0  # attend: lambda of the doubly stochastic attention penalty
+
+    def model_config(self, vocab_size: int, store):
+        """The ModelConfig (or AttendConfig) of these sizes for a store's features (or grid)."""
+        if self.arch != ATTEND:
+            return ModelConfig(vocab_size=vocab_size, embedding_size=self.embedding_size,
+                               lstm_units=self.lstm_units, feature_dim=store.dim,
+                               feature_norm=self.feature_norm)
+        config = AttendConfig(vocab_size=vocab_size, grid_shape=list(store.grid_shape or (0, 0)),
+                              embedding_size=self.embedding_size, lstm_units=self.lstm_units,
+                              attention_units=self.attention_units, feature_dim=store.dim,
+                              feature_norm=self.feature_norm, attention_penalty=self.attention_penalty)
+        check_grid_fits(store, config, store.path, "--arch attend")
+        return config
 
 
 def _train(data, model_dir: Path, train, shape: ModelShape, pipeline, store, overwrite, strategy, log,
            progress) -> TrainResult:
     annotations = load_annotations(data.captions, fmt=data.caption_format, split_scheme=data.split_scheme)
     log(f"captions: {annotations.summary()}")
-    train_records, val_records = annotations.part("train"), annotations.part("val")
-    if not train_records:
-        raise InputError("The train split of the caption file(s) is empty: check --split-scheme.")
-    vocab = _load_vocab(data, model_dir, train_records, overwrite, log)
-    model_config = ModelConfig(vocab_size=len(vocab), embedding_size=shape.embedding_size,
-                               lstm_units=shape.lstm_units, feature_dim=store.dim,
-                               feature_norm=shape.feature_norm)
+    vocab = _load_vocab(data, model_dir, split_records(annotations, "train"), overwrite, log)
+    model_config = shape.model_config(len(vocab), store)
     saved = read_config(model_dir) if model_dir.is_dir() else None
     if saved and saved["model"].get("feature_dim") != store.dim and not overwrite:
         raise InputError(f"{data.features} holds {store.dim}-d features but the model in {model_dir} takes "
@@ -132,10 +141,10 @@ def _train(data, model_dir: Path, train, shape: ModelShape, pipeline, store, ove
     config = make_config(model_config, vocab, store.cnn, COMMAND, {
         "train": train.to_dict(), "data": data.to_dict(), "pipeline": pipeline.to_dict()})
     prepare_run_dir(model_dir, config, ("model", "cnn"), overwrite, "--model-dir")
-    train_pairs = _pairs(train_records, store, vocab, "train", log, data.max_caption_length)
-    val_pairs = _pairs(val_records, store, vocab, "val", log, data.max_caption_length)
+    train_pairs = _pairs(annotations, store, vocab, "train", log, data.max_caption_length)
+    val_pairs = _pairs(annotations, store, vocab, "val", log, data.max_caption_length)
     start_run_dir(worker_dir(model_dir, strategy), vocab, config)
-    features = FeatureSource(store, pipeline, log=log)
+    features = FeatureSource(store, pipeline, log=log, grid=shape.arch == ATTEND)
     source = PairBatches(train_pairs, features, train.batch_size, train.seed, pipeline)
     val_source = PairBatches(val_pairs, features, train.val_batch_size, train.seed, pipeline)
 
@@ -143,7 +152,7 @@ def _train(data, model_dir: Path, train, shape: ModelShape, pipeline, store, ove
         extra = {k: v for k, v in config.items() if k in ("train", "data", "pipeline")}
         extra["result"] = {**result.result_block(), "train_pairs": train_pairs.stats,
                            "val_pairs": val_pairs.stats}
-        save_model_dir(directory, trainable.objects["decoder"], model_config, vocab, store.cnn, extra=extra,
+        save_model_dir(directory, trainable.decoder, model_config, vocab, store.cnn, extra=extra,
                        command=COMMAND)
 
     stats = None
@@ -153,7 +162,7 @@ def _train(data, model_dir: Path, train, shape: ModelShape, pipeline, store, ove
             f"{int((stats[1] == 0).sum())} constant dimension(s) ignored")
 
     def build():
-        model = build_decoder(model_config, seed=train.seed)
+        model = build_model(model_config, seed=train.seed)
         if stats is not None:
             model.set_feature_stats(*stats)
         return DecoderTrainable(model)
