@@ -20,7 +20,6 @@ Run: `.venv/bin/python bench/attention.py [--rounds 3] [--smoke]`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from machine import matmul_rate  # noqa: E402  (bench/, the script's folder)
+from machine import bench_parser, matmul_rate  # noqa: E402  (bench/, the script's folder)
 
 from base.devices import choose_strategy  # noqa: E402
 from beam import beam_search  # noqa: E402
@@ -139,9 +138,8 @@ def time_steps(step: TrainStep, source: PairBatches, sz: Sizes, rounds: int, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "toy sizes, a few seconds (tests)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds per measurement")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, a few seconds (tests)")
     args = parser.parse_args()
     sz = SMOKE if args.smoke else FULL
     rng = np.random.default_rng(0)

@@ -16,7 +16,6 @@ Both searches use the same step function. Prints one result per line, the headli
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from machine import precisions  # noqa: E402  (bench/, the script's folder)
+from machine import bench_parser, precisions  # noqa: E402  (bench/, the script's folder)
 
 FULL = dict(vocab=12000, embed=512, units=512)  # im2txt's sizes
 SMOKE = dict(vocab=200, embed=32, units=32)
@@ -178,15 +177,13 @@ def bfloat16_lines(args, sizes, feats, kw, t_f32: float, got) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "toy sizes (vocab 200, 32 units, 8 images, 1 repeat): checks the bench runs")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--beam", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backend", choices=["tf", "numpy", "decoder"], default="tf",
                     help="the decoder: plain TF ops, NumPy, or the project's decoder/model.py")
-    ap.add_argument("--smoke", action="store_true",
-                    help="toy sizes (vocab 200, 32 units, 8 images, 1 repeat): checks the bench runs")
     args = ap.parse_args()
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:

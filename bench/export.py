@@ -21,7 +21,6 @@ numbers mean nothing (tests/test_bench.py runs it).
 Run: `.venv/bin/python bench/export.py [--images N] [--batch-size B] [--reps R] [--smoke]`.
 """
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -35,8 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from machine import precisions  # noqa: E402  (bench/, the script's folder)
-from sample_images import gather_images  # noqa: E402
+from machine import bench_parser, precisions  # noqa: E402  (bench/, the script's folder)
+from sample_images import add_image_options, image_folder  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 LOAD = """
@@ -115,15 +114,10 @@ def bfloat16_export(work: Path, paths: list[Path], args, f32_rate: float, f32_be
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64, help="images timed at --batch-size")
+    parser = bench_parser(__doc__, "toy sizes (75 px, 4 images, one run)", SHARED_DATA,
+                          "folder with coco_val2017_sample/images (generated images only when absent)")
+    add_image_options(parser, 64, "images timed at --batch-size", "interleaved repetitions of both paths")
     parser.add_argument("--batch-one-images", type=int, default=24, help="images timed at batch 1")
-    parser.add_argument("--batch-size", type=int, default=32, help="the large batch size")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of both paths")
-    parser.add_argument("--image-size", type=int, default=299, help="CNN input size S (>= 75)")
-    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA,
-                        help="folder with coco_val2017_sample/images (generated images only when absent)")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes (75 px, 4 images, one run)")
     args = parser.parse_args()
     vocab_size, units = 12000, 512
     if args.smoke:
@@ -141,9 +135,7 @@ def main() -> None:
     scope = contextlib.ExitStack()
     scope.enter_context(using_precision("float32"))  # the float32 lines (bfloat16_export nests its own)
     try:
-        (work / "img").mkdir()
-        note = gather_images(work / "img", args.images, args.shared_data)
-        paths = sorted((work / "img").iterdir())
+        paths, note = image_folder(work, args.images, args.shared_data)
         print(f"setup{' (smoke)' if args.smoke else ''}: {len(paths)} images ({note}), {args.image_size} px, "
               f"random InceptionV3 + decoder (vocab {vocab_size}, embedding {units}, LSTM {units}), beam 3, "
               f"max length 20, {os.cpu_count()} CPUs")

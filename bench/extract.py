@@ -20,7 +20,6 @@ the one least disturbed by other processes).
 Run: `.venv/bin/python bench/extract.py [--images N] [--batch-size B] [--image-size S] [--smoke]`.
 """
 
-import argparse
 import os
 import resource
 import shutil
@@ -35,9 +34,9 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 from extract_ray import ray_line  # noqa: E402  (bench/: the --engine ray vs local line)
-from machine import precisions  # noqa: E402  (bench/, the script's folder)
+from machine import bench_parser, precisions  # noqa: E402  (bench/, the script's folder)
 from PIL import Image  # noqa: E402
-from sample_images import gather_images  # noqa: E402
+from sample_images import add_image_options, image_folder  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -92,16 +91,13 @@ def time_precision(work: Path, paths: list[Path], batches: list, args, precision
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=128, help="number of images (>= 64 for the report)")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of ceiling and extract")
-    parser.add_argument("--batch-size", type=int, default=32, help="extract batch size")
+    parser = bench_parser(__doc__,
+                          "toy sizes (8 images at 75 px, batch 4, 1 repetition): checks the bench runs",
+                          SHARED_DATA,
+                          "folder with coco_val2017_sample/images (generated images only when absent)")
+    add_image_options(parser, 128, "number of images (>= 64 for the report)",
+                      "interleaved repetitions of ceiling and extract")
     parser.add_argument("--naive", type=int, default=24, help="images timed in the naive loop")
-    parser.add_argument("--image-size", type=int, default=299, help="CNN input size S (>= 75)")
-    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA,
-                        help="folder with coco_val2017_sample/images (generated images only when absent)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes (8 images at 75 px, batch 4, 1 repetition): checks the bench runs")
     args = parser.parse_args()
     if args.smoke:
         args.images, args.reps, args.batch_size, args.naive, args.image_size = 8, 1, 4, 4, 75
@@ -113,9 +109,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
-        (work / "img").mkdir()
-        note = gather_images(work / "img", args.images, args.shared_data)
-        paths = sorted((work / "img").iterdir())
+        paths, note = image_folder(work, args.images, args.shared_data)
         print(f"images{' (smoke)' if args.smoke else ''}: {len(paths)} ({note}), {size} px, "
               f"batch {args.batch_size}, "
               f"{os.cpu_count()} CPUs, GPUs: {len(accelerators())}")

@@ -4,8 +4,10 @@ physical limit a FLOP utilisation divides by. A CPU without native bfloat16 runs
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import time
+from pathlib import Path
 
 from base.devices import cpu_bfloat16
 
@@ -56,3 +58,14 @@ def matmul_rate(n: int, dtype: str = "float32", reps: int = 2) -> float:
         out = mm(a)
     out.numpy()
     return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def bench_parser(doc: str, smoke_help: str, shared_data: Path | None = None,
+                 shared_help: str = "") -> argparse.ArgumentParser:
+    """The argument parser every bench starts from: its docstring's first line as description, `--smoke`
+    (toy sizes; what `make test` runs) and, when `shared_data` is given, `--shared-data` (default it)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if shared_data is not None:
+        parser.add_argument("--shared-data", type=Path, default=shared_data, help=shared_help)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    return parser

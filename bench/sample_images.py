@@ -25,3 +25,20 @@ def gather_images(folder: Path, n: int, shared: Path) -> str:
                         rng.integers(0, 256, (480, 640))], -1).astype(np.uint8)
         Image.fromarray(arr).save(folder / f"gen{i:03d}.jpg", quality=90)
     return f"{len(real)} from coco_val2017_sample + {n - len(real)} generated 640x480"
+
+
+def add_image_options(parser, images: int, images_help: str, reps_help: str) -> None:
+    """The options of a bench that runs the CNN over images: --images, --batch-size (32), --reps (3) and
+    --image-size (299, the CNN's input size S)."""
+    parser.add_argument("--images", type=int, default=images, help=images_help)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per CNN batch")
+    parser.add_argument("--reps", type=int, default=3, help=reps_help)
+    parser.add_argument("--image-size", type=int, default=299, help="CNN input size S (>= 75)")
+
+
+def image_folder(work: Path, count: int, shared_data: Path) -> tuple[list[Path], str]:
+    """`count` images gathered into `work`/img (gather_images): (their sorted paths, where they came from)."""
+    folder = Path(work) / "img"
+    folder.mkdir()
+    note = gather_images(folder, count, shared_data)
+    return sorted(folder.iterdir()), note

@@ -21,7 +21,6 @@ Run: `.venv/bin/python bench/scst.py [--rounds 6] [--shared-data DIR] [--smoke]`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from machine import bench_parser  # noqa: E402  (bench/, the script's folder)
 
 from base.devices import choose_strategy  # noqa: E402
 from beam.graph_sampling import graph_sample_search  # noqa: E402
@@ -203,12 +203,10 @@ def xe_step_ms(sz: Sizes, unigram: np.ndarray, rng, rounds: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, "toy sizes, 2 rounds: checks the bench runs", SHARED_DATA,
+                          "folder with captions_val2017.json (synthetic references when absent)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per part per round (median)")
-    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA,
-                        help="folder with captions_val2017.json (synthetic references when absent)")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, 2 rounds: checks the bench runs")
     args = parser.parse_args()
     sz = SMOKE if args.smoke else FULL
     if args.smoke:

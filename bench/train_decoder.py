@@ -24,7 +24,6 @@ Run: `.venv/bin/python bench/train_decoder.py [--rounds 8] [--skip-memory] [--sh
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -40,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from machine import compute_dtype, matmul_rate, precisions  # noqa: E402  (bench/, the script's folder)
+from machine import bench_parser, compute_dtype, matmul_rate, precisions  # noqa: E402  (bench/)
 
 from base.devices import choose_strategy, dtype_policy  # noqa: E402
 from data.features import create_store  # noqa: E402
@@ -257,13 +256,12 @@ def thousands(n: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__,
+                          "toy sizes (vocab 200, 32 units, batch 8, 2 rounds): checks the bench runs",
+                          SHARED_DATA,
+                          "folder with captions_val2017.json (synthetic caption lengths when absent)")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved matmul/decoder timing rounds")
     parser.add_argument("--skip-memory", action="store_true", help="skip the in-memory store test")
-    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA,
-                        help="folder with captions_val2017.json (synthetic caption lengths when absent)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes (vocab 200, 32 units, batch 8, 2 rounds): checks the bench runs")
     args = parser.parse_args()
     sz = SMOKE if args.smoke else FULL
     if args.smoke:
