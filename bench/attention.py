@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+
+from base.devices import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # no CUDA/oneDNN start-up lines on a CPU-only machine
 import tensorflow as tf  # noqa: E402
 from machine import bench_parser, matmul_rate  # noqa: E402  (bench/, the script's folder)
 

@@ -38,6 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+
+from base.devices import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # no CUDA/oneDNN start-up lines on a CPU-only machine
 import tensorflow as tf  # noqa: E402
 from machine import bench_parser, compute_dtype, matmul_rate, precisions  # noqa: E402  (bench/)
 
