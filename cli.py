@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 # base.cli_support: exit codes, prechecks, quiet TensorFlow start; cli._config / cli._fields: used by tests
-from base.cli_support import FiniteRange, Group, log, one_line, run_precision, stack  # noqa: E402
+from base.cli_support import FiniteRange, Group, log, run_precision, stack  # noqa: E402
 from base.cli_support import config as _config  # noqa: E402
 from base.cli_support import fields as _fields  # noqa: E402
 from base.devices import PRECISION_CHOICES  # noqa: E402  (imports no TensorFlow itself)
@@ -22,7 +22,6 @@ from data.splits import SPLIT_SCHEMES  # noqa: E402
 
 __version__ = "0.1.0"
 RESUMABLE = ("extract", "train-decoder", "finetune", "train-scst", "demo")  # Ctrl-C: "rerun to resume"
-_log, _precision, _one_line = log, run_precision, one_line  # the caption command's names until it moves
 
 
 @click.group(cls=Group, resumable=RESUMABLE,
@@ -271,7 +270,7 @@ def _caption_inputs(params: dict) -> None:
         raise InputError("--keys selects rows of a feature store: it needs --features.")
 
 
-@main.command("caption", prechecks=(_caption_inputs,))
+@main.command("caption", prechecks=(_caption_inputs,), own_precision=True)
 @click.argument("paths", nargs=-1)
 @click.option("--model-dir", required=True, help=f"{_TRAINED}.")
 @click.option("--features", help="Caption rows of this feature store instead of image PATHS.")
@@ -304,61 +303,26 @@ def _caption_inputs(params: dict) -> None:
 @precision_option()
 @no_progress_option
 def caption_command(paths, model_dir, features, keys, top, json_out, batch_size, weights, no_progress,
-                    attention_dir, images_roots, **params):
+                    attention_dir, images_roots, precision, **params):
     """Caption images (PATHS: files, folders, globs) or cached features (--features) with a model dir.
 
     Prints each image's top captions with p = exp(logprob), like im2txt's run_inference. Bad images are
     reported and skipped; the exit status is 1 only when no image could be captioned.
     """
-    import math
-
     from beam import SearchConfig
-    from decoder.infer.captioner import Captioner, caption_files, caption_store
-    from evaluation.metrics import write_results_json
+    from decoder.infer.caption_run import run_caption
     from extract.inputs import check_output, check_output_dir
 
     if json_out:
         check_output(json_out)
     if attention_dir:
         check_output_dir(attention_dir, "--attention")
-    _precision(params.pop("precision"), "caption")
-    captioner = Captioner(model_dir, _config(SearchConfig, params), weights)
-    if attention_dir and captioner.grid is None:
-        raise InputError(f"--attention: {model_dir} is a Show and Tell model dir; heat-maps need an "
-                         "attention model (train-decoder --arch attend).")
-    progress = not no_progress
-    if features:
-        run = caption_store(captioner, features, keys, batch_size=batch_size, progress=progress)
-    else:
-        run = caption_files(captioner, paths, batch_size=batch_size, progress=progress)
-    _log(captioner.loaded.weights.describe())  # after the inputs were checked: a refusal stays one line
-    for item in run.results:
-        if item.error:
-            click.echo(f"Skipped {_one_line(item.key)}: {_one_line(item.error)}", err=True)
-            continue
-        click.echo(f"Captions for image {_one_line(item.key)}:")
-        for i, (cap, text) in enumerate(zip(item.captions[:top], item.texts[:top], strict=True)):
-            click.echo(f"  {i}) {text} (p={math.exp(cap.logprob):f})")
-    if json_out:
-        write_results_json(json_out, run.coco_results())
-    if attention_dir:
-        _write_heatmaps(captioner, run, attention_dir, features, images_roots)
-    click.echo(run.summary() + (f" -> {json_out}" if json_out else ""))
+    run_precision(precision, "caption")
+    run = run_caption(model_dir, _config(SearchConfig, params), weights, paths, features, keys,
+                      batch_size=batch_size, top=top, json_out=json_out, attention_dir=attention_dir,
+                      images_roots=images_roots, progress=not no_progress, echo=click.echo, log=log)
     if run.n_ok == 0:
         raise SystemExit(1)
-
-
-def _write_heatmaps(captioner, run, out_dir, features, roots) -> None:
-    """caption --attention: the heat-map PNGs (decoder.infer.heatmaps); images: the keys themselves (PATHS)
-    or the store keys under --images."""
-    from pathlib import Path
-
-    from decoder.infer.heatmaps import write_heatmaps
-    from extract.inputs import resolve_image
-
-    find = (lambda key: resolve_image(key, [Path(r) for r in roots])) if features else (lambda key: key)
-    size = int(captioner.cnn.get("image_size", 299))
-    _log(f"attention: {write_heatmaps(run.results, out_dir, size, find)} heat-map PNG(s) -> {out_dir}")
 
 
 def _top_within_beam(params):

@@ -142,15 +142,11 @@ def log(message: str) -> None:
 
 
 def run_precision(requested: str, command: str) -> str:
-    """The precision `command` runs in (--precision; auto: base.devices.auto_precision), printed once (a
-    second call in the same command returns it silently); it stays the CNN's inference precision
-    (base.devices.using_precision) until the command ends."""
-    ctx = click.get_current_context()
-    if "showtell.precision" not in ctx.meta:
-        chosen, line = precision_line(requested, command)
-        log(line)
-        ctx.meta["showtell.precision"] = ctx.with_resource(using_precision(chosen))
-    return ctx.meta["showtell.precision"]
+    """The precision `command` runs in (--precision; auto: base.devices.auto_precision), printed once; it
+    stays the CNN's inference precision (base.devices.using_precision) until the command ends."""
+    chosen, line = precision_line(requested, command)
+    log(line)
+    return click.get_current_context().with_resource(using_precision(chosen))
 
 
 def one_line(text) -> str:
