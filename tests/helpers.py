@@ -483,3 +483,15 @@ def only_error_line(output: str) -> str:
     assert len(errors) == 1 and lines[-1] == errors[0], output
     assert all(line.startswith(("precision:", "replacing ", "weights:")) for line in lines[:-1]), output
     return errors[0]
+
+
+def train_tiny_decoder(store: Path, captions: Path, model_dir: Path, steps: int, units: int = 16, **train):
+    """Train a tiny Show and Tell decoder (`units`-wide embedding and LSTM, Adam, batch 8, no mid-run
+    validation unless `train` sets eval_every) on a store + captions of `make_dataset`, in this process;
+    `train` overrides TrainConfig fields (learning_rate, checkpoint_every, ...). Returns the TrainResult."""
+    from decoder.train.config import TrainConfig
+    from decoder.train.train_decoder import DataConfig, train_decoder
+
+    cfg = TrainConfig(**{"batch_size": 8, "steps": steps, "optimizer": "adam", "eval_every": 0, **train})
+    return train_decoder(DataConfig(str(store), [str(captions)], min_word_count=1), Path(model_dir), cfg,
+                         embedding_size=units, lstm_units=units, progress=False, log=lambda m: None)

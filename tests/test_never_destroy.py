@@ -14,12 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import base.atomic
-from base import outputs
-from base.errors import InputError, write_failure
-from cli import main
-from tests.helpers import (
+from helpers import (
     CNN,
     REPO,
     TINY,
@@ -27,8 +22,14 @@ from tests.helpers import (
     coco_ramp_images,
     make_dataset,
     tiny_caption_model,
+    train_tiny_decoder,
     write_store,
 )
+
+import base.atomic
+from base import outputs
+from base.errors import InputError, write_failure
+from cli import main
 
 QUIET_ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user runs it
 
@@ -338,13 +339,8 @@ class TestWritesThatFail:
 
     @pytest.mark.slow
     def test_evaluate_report_on_a_full_disk_keeps_results_and_the_old_report(self, tmp_path, monkeypatch):
-        from decoder.train.config import TrainConfig
-        from decoder.train.train_decoder import DataConfig, train_decoder
-
         store, captions = make_dataset(tmp_path / "d")
-        train_decoder(DataConfig(str(store), [str(captions)], min_word_count=1), tmp_path / "m",
-                      TrainConfig(batch_size=8, steps=5, optimizer="adam", eval_every=0),
-                      embedding_size=8, lstm_units=8, progress=False, log=lambda m: None)
+        train_tiny_decoder(store, captions, tmp_path / "m", 5, units=8)
         out = tmp_path / "out"
         args = ["evaluate", "--model-dir", tmp_path / "m", "--features", store, "--captions", captions,
                 "--split", "val", "--out-dir", out, "--report", out / "report.html", "--java", "no",
@@ -436,13 +432,8 @@ class TestNoise:
     def test_train_scst_prints_its_real_best_cider(self, tmp_path):
         import re
 
-        from decoder.train.config import TrainConfig
-        from decoder.train.train_decoder import DataConfig, train_decoder
-
         store, captions = make_dataset(tmp_path / "d", n_images=30)
-        train_decoder(DataConfig(str(store), [str(captions)], min_word_count=1), tmp_path / "xe",
-                      TrainConfig(batch_size=8, steps=20, optimizer="adam", learning_rate=0.01, eval_every=0),
-                      embedding_size=16, lstm_units=16, progress=False, log=lambda m: None)
+        train_tiny_decoder(store, captions, tmp_path / "xe", 20, learning_rate=0.01)
         code, out = run("train-scst", "--model-dir", tmp_path / "xe", "--features", store, "--captions",
                         captions, "--out", tmp_path / "scst", "--steps", "2", "--batch-size", "8",
                         "--no-progress", "--precision", "float32")

@@ -21,6 +21,7 @@ from helpers import (
     h5_datasets,
     kill_and_resume,
     make_dataset,
+    train_tiny_decoder,
     write_store,
 )
 
@@ -35,7 +36,6 @@ from decoder.train.config import TrainConfig
 from decoder.train.scst import ScstConfig, ScstTrainable, scst_recipe, train_scst
 from decoder.train.scst_data import CiderReward
 from decoder.train.step import TrainStep
-from decoder.train.train_decoder import DataConfig, train_decoder
 from evaluation.cider import CiderD
 
 START, END = 1, 2  # a toy vocabulary of 6 ids: 0, <S>, </S>, 3, 4, 5
@@ -170,10 +170,7 @@ def xe(tmp_path_factory):
     """(store, captions, an XE model dir trained briefly from them)."""
     root = tmp_path_factory.mktemp("scst")
     store, captions = make_dataset(root / "d", n_images=30)
-    cfg = TrainConfig(batch_size=8, steps=60, optimizer="adam", learning_rate=0.01, eval_every=0,
-                      checkpoint_every=60)
-    train_decoder(DataConfig(str(store), [str(captions)], min_word_count=1), root / "xe", cfg,
-                  embedding_size=16, lstm_units=16, progress=False, log=lambda m: None)
+    train_tiny_decoder(store, captions, root / "xe", 60, learning_rate=0.01, checkpoint_every=60)
     return store, captions, root / "xe"
 
 

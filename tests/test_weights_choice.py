@@ -10,15 +10,13 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_dataset, tiny_tensors, write_vocab
+from helpers import make_dataset, tiny_tensors, train_tiny_decoder, write_vocab
 
 from base.errors import InputError
 from cli import main
 from decoder.im2txt_import import LSTM_NAMES, import_im2txt
 from decoder.modeldir import load_model_dir
 from decoder.train.checkpoints import CheckpointManager, read_checkpoint
-from decoder.train.config import TrainConfig
-from decoder.train.train_decoder import DataConfig, train_decoder
 from extract.slim import save_tf1_checkpoint
 
 
@@ -29,10 +27,7 @@ def run(tmp_path_factory):
     the best)."""
     root = tmp_path_factory.mktemp("weights")
     store, captions = make_dataset(root / "d", n_images=30)
-    cfg = TrainConfig(batch_size=8, steps=30, optimizer="adam", learning_rate=0.01, eval_every=0,
-                      checkpoint_every=0)
-    train_decoder(DataConfig(str(store), [str(captions)], min_word_count=1), root / "m", cfg,
-                  embedding_size=16, lstm_units=16, progress=False, log=lambda m: None)
+    train_tiny_decoder(store, captions, root / "m", 30, learning_rate=0.01, checkpoint_every=0)
     step = CheckpointManager(root / "m" / "checkpoints").steps()[0]
     assert step < 30
     shutil.copyfile(root / "m" / "checkpoints" / f"ckpt-{step}.npz", root / "m" / "checkpoints" / "best.npz")
