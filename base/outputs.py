@@ -28,9 +28,9 @@ from pathlib import Path
 
 from base.errors import InputError
 
-STORE_FORMAT = "showtell-features"  # = data.features.FORMAT_NAME (tests/test_never_destroy.py checks)
-MODEL_FORMAT = "showtell-model"  # = decoder.modeldir.FORMAT_NAME
-METRICS_FORMAT = "showtell-metrics"  # = evaluation.metrics.METRICS_FORMAT
+STORE_FORMAT = "showtell-features"  # a feature store's "format" attr (data.features.FORMAT_NAME is this)
+MODEL_FORMAT = "showtell-model"  # a model dir's config.json "format" (decoder.modeldir.FORMAT_NAME is this)
+METRICS_FORMAT = "showtell-metrics"  # a metrics JSON's "format" (evaluation.metrics writes it)
 EXPORT_MARKER = "assets.extra/showtell-export.json"  # written by decoder.infer.export into every export
 REPORT_MARKER = '<meta name="generator" content="showtell evaluate --report">'  # evaluation.report writes it
 DEMO_MARKER = "demo.json"  # the settings of the demo that made a workdir (decoder/demo.py writes it)

@@ -44,9 +44,10 @@ import numpy as np
 
 from base.atomic import atomic_path
 from base.errors import InputError
+from base.outputs import STORE_FORMAT
 from data.integrity import damaged_rows, nonfinite_rows, reseal, rows_digest, rows_problem
 
-FORMAT_NAME = "showtell-features"
+FORMAT_NAME = STORE_FORMAT
 FORMAT_VERSION = 1
 ERROR_WIDTH = 240  # bytes of utf-8 kept per /errors entry
 JSON_ATTRS = ("cnn", "run", "grid_shape")

@@ -27,6 +27,7 @@ from pathlib import Path
 from base.atomic import atomic_path, atomic_write_json
 from base.digest import file_sha256
 from base.errors import InputError
+from base.outputs import MODEL_FORMAT
 from data.integrity import describe_nonfinite, nonfinite_weights
 from data.vocab import Vocabulary
 from decoder.arches import DEFAULT, arch_name, build_model, grid_shape, model_config_from
@@ -38,7 +39,7 @@ from extract.encoder import CNNSpec, build_encoder, check_fingerprint, check_sam
 from extract.inputs import check_output_dir
 from extract.preprocess import resize_size
 
-FORMAT_NAME = "showtell-model"
+FORMAT_NAME = MODEL_FORMAT
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "word_counts.txt"

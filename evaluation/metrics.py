@@ -25,10 +25,10 @@ from pathlib import Path
 
 from base.atomic import atomic_write_json
 from base.errors import InputError
+from base.outputs import METRICS_FORMAT
 from evaluation.ptb import fallback_tokenize, ptb_tokenize
 from evaluation.scorers import score_tokenized
 
-METRICS_FORMAT = "showtell-metrics"
 METRICS_VERSION = 1
 # COCO metric name (the key COCOEvalCap uses) -> the name printed in tables.
 DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
