@@ -17,7 +17,7 @@ from decoder.model import build_decoder
 DEFAULT = "show-and-tell"
 ARCHES = (DEFAULT, ATTEND)
 __all__ = ["ARCHES", "ATTEND", "DEFAULT", "AttendConfig", "arch_name", "arch_of", "build_model", "grid_shape",
-           "model_config_from", "refuse_attend"]
+           "model_config_from"]
 
 
 def arch_of(config: dict) -> str:
@@ -50,10 +50,3 @@ def build_model(model_config, seed: int | None = None):
 def grid_shape(model_config) -> tuple[int, int] | None:
     """(h, w) of the grid the decoder reads; None for a decoder of pooled features."""
     return tuple(model_config.grid_shape) if isinstance(model_config, AttendConfig) else None
-
-
-def refuse_attend(config: dict, command: str) -> None:
-    """InputError for a command that does not (yet) handle attention model dirs."""
-    if arch_of(config) == ATTEND:
-        raise InputError(f"`{command}` does not take an attention (--arch attend) model dir yet: use a "
-                         "Show and Tell model dir.")

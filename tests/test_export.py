@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from helpers import REPO, coco_ramp_images, tiny_caption_model
+from helpers import REPO, coco_ramp_images, run_saved_models, tiny_caption_model
 
 from beam import SearchConfig
 from cli import main
@@ -22,58 +22,6 @@ from data.features import open_store
 from decoder.infer.captioner import Captioner, caption_files, caption_store
 
 SEARCH_B = ["--beam-size", "4", "--max-length", "8", "--length-normalization", "0.7", "--top", "2"]
-CHILD = r'''
-import importlib.abc, json, sys
-BLOCKED = {"data", "decoder", "extract", "beam", "evaluation", "cli"}
-
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name}: the exported model must not need the showtell project")
-
-
-sys.meta_path.insert(0, Block())
-try:
-    import decoder  # noqa: F401
-    blocked = False
-except ImportError:
-    blocked = True
-import numpy as np
-import tensorflow as tf
-
-out, models = {"blocked": blocked, "results": []}, {}
-for job in json.load(open(sys.argv[1])):
-    if job["model"] not in models:
-        models[job["model"]] = tf.saved_model.load(job["model"])
-    model = models[job["model"]]
-    if "images" in job:
-        data = tf.constant([open(p, "rb").read() for p in job["images"]], tf.string)
-        got = model.signatures["serving_default"](images=data)
-    else:
-        got = model.signatures["caption_features"](features=tf.constant(np.load(job["features"])))
-    out["results"].append({"captions": [[c.decode() for c in row] for row in got["captions"].numpy()],
-                           "log_probs": got["log_probs"].numpy().tolist(), "ok": got["ok"].numpy().tolist()})
-out["project_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-print(json.dumps(out))
-'''
-
-
-def run_child(tmp_path: Path, jobs: list[dict]) -> list[dict]:
-    """Run the exported models in a fresh Python whose imports of this project fail (cwd = tmp_path, a
-    meta-path blocker in front of the editable install's finder); returns one result dict per job."""
-    (tmp_path / "child.py").write_text(CHILD)
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "child.py", "jobs.json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["blocked"] and out["project_modules"] == []
-    return out["results"]
-
-
 def reference(model_dir, search: SearchConfig, files=None, store=None) -> list[tuple]:
     """`caption`'s in-process path: per row (error, texts, logprobs), in input order."""
     captioner = Captioner(model_dir, search)
@@ -167,7 +115,7 @@ def test_parity_with_caption_in_a_process_without_the_project(tiny, tmp_path):
     """Images (good and bad rows in one batch) and cached features, two search settings."""
     files = [str(p) for p in tiny["good"][:2] + tiny["bad"] + tiny["good"][2:]]
     feats = store_features(tiny["store"], tmp_path, "features.npy")
-    got = run_child(tmp_path, [{"model": str(tiny["a"]), "images": files},
+    got = run_saved_models(tmp_path, [{"model": str(tiny["a"]), "images": files},
                                {"model": str(tiny["a"]), "features": feats},
                                {"model": str(tiny["b"]), "images": files},
                                {"model": str(tiny["b"]), "features": feats},
@@ -193,7 +141,7 @@ def test_parity_on_coco_photos(tiny, shared_data, tmp_path):
     run_extract(ExtractConfig(out=str(store), paths=[str(p) for p in photos], cnn_weights="none",
                               image_size=75, dtype="float32", batch_size=4, progress=False))
     feats = store_features(store, tmp_path, "coco.npy")
-    got = run_child(tmp_path, [{"model": str(tiny["a"]), "images": [str(p) for p in photos]},
+    got = run_saved_models(tmp_path, [{"model": str(tiny["a"]), "images": [str(p) for p in photos]},
                                {"model": str(tiny["a"]), "features": feats}])
     assert_same(got[0], reference(tiny["model_dir"], SearchConfig(), files=[str(p) for p in photos]), 3)
     assert_same(got[1], reference(tiny["model_dir"], SearchConfig(), store=store), 3)
@@ -248,7 +196,8 @@ def test_parity_for_an_imported_im2txt_checkpoint(shared_data, tmp_path):
     out = tmp_path / "exported" / "1"
     report = export_model(model_dir, out, ExportConfig())
     assert report.image_size == 75 and report.size_bytes > 100e6  # InceptionV3 + a 12000-word decoder
-    got = run_child(tmp_path, [{"model": str(out), "images": photos}, {"model": str(out), "features": feats}])
+    got = run_saved_models(tmp_path, [{"model": str(out), "images": photos},
+                                      {"model": str(out), "features": feats}])
     want = reference(model_dir, SearchConfig(), files=photos)
     assert_same(got[0], want, 3)
     assert_same(got[1], reference(model_dir, SearchConfig(), store=store), 3)

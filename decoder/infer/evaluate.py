@@ -9,7 +9,8 @@ listed in the summary. Outputs (atomic): the COCO results JSON, the metrics JSON
 Perplexity is the decoder's own validation perplexity (decoder.train.step.perplexity: exp of the
 cross-entropy averaged over every real target word of every reference caption, no dropout), features come
 from decoder.infer.features, captions from decoder.infer.captioner (beam search), scores from
-evaluation.metrics.score_captions.
+evaluation.metrics.score_captions. For an attention model dir the report shows under each image (the
+worst evaluation.report.MAX_STRIPS) the heat-map strip of its caption, drawn by decoder.infer.heatmaps.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from data.captions import ImageRecord, load_annotations
 from data.pipeline import PairBatches, match_pairs
 from decoder.infer.captioner import Captioner
 from decoder.infer.features import FeatureInput, ImageInput, StoreInput
+from decoder.infer.heatmaps import caption_strip
 from decoder.train.step import DecoderTrainable, perplexity
 from evaluation.metrics import (
     MetricsResult,
@@ -38,7 +40,7 @@ from evaluation.metrics import (
     write_metrics_json,
     write_results_json,
 )
-from evaluation.report import write_report
+from evaluation.report import ReportItem, write_report
 from extract.inputs import check_output, check_root, resolve_image
 
 
@@ -77,6 +79,8 @@ class EvalItem:
     record: ImageRecord  # the image, its dataset id and ALL its reference captions
     caption: str  # the best beam-search caption
     image_path: str | None  # the image file when an images root holds it (thumbnails), else None
+    # attention models: float32 [n, h, w], the grid weights of the caption's n words; else None
+    attention: np.ndarray | None = None
 
 
 @dataclass
@@ -182,16 +186,31 @@ def references_perplexity(model, vocab, records, features: np.ndarray, batch_siz
 
 
 def generate_captions(captioner: Captioner, features: np.ndarray, batch_size: int,
-                      progress: bool) -> list[str]:
-    """The best beam-search caption of each row of features float32 [n, D]."""
-    out: list[str] = []
+                      progress: bool) -> tuple[list[str], list[np.ndarray | None]]:
+    """(the best beam-search caption of each row of features float32 [n, D] (attend: [n, L, D]), per row
+    the attention weights float32 [words, h, w] of that caption (None: Show and Tell, or no caption))."""
+    texts: list[str] = []
+    maps: list[np.ndarray | None] = []
     bar = tqdm(total=len(features), unit="img", desc="captions", disable=not progress, dynamic_ncols=True)
     with bar:
         for b in range(0, len(features), batch_size):
-            for caps in captioner.caption_features(features[b:b + batch_size]):
-                out.append(captioner.texts(caps[:1])[0] if caps else "")
-            bar.update(min(batch_size, len(features) - b))
-    return out
+            part = features[b:b + batch_size]
+            found = captioner.caption_features(part)
+            texts.extend(captioner.texts(caps[:1])[0] if caps else "" for caps in found)
+            maps.extend(captioner.attention_of(part, found) if captioner.grid else [None] * len(found))
+            bar.update(len(part))
+    return texts, maps
+
+
+def report_items(items: list[EvalItem], image_size: int) -> list[ReportItem]:
+    """The report's items; an item with attention weights gets its heat-map strip (decoder.infer.heatmaps,
+    image_size: the model's CNN input size), drawn only when the report shows it."""
+    def drawer(it: EvalItem):
+        return lambda: caption_strip(it.image_path, image_size, it.caption, it.attention)
+
+    return [ReportItem(it.record.image_id, it.caption, it.record.captions, it.image_path,
+                       strip=drawer(it) if it.attention is not None and it.caption else None)
+            for it in items]
 
 
 def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print) -> EvalResult:
@@ -213,8 +232,9 @@ def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print)
         f" ({len(skipped)} skipped)")
     ppl = references_perplexity(captioner.model, captioner.vocab, kept, feats,
                                 batch_size=max(4 * cfg.batch_size, 64))
-    texts = generate_captions(captioner, feats, cfg.batch_size, cfg.progress)
-    items = [EvalItem(records[j], text, files[j]) for j, text in zip(used, texts, strict=True)]
+    texts, maps = generate_captions(captioner, feats, cfg.batch_size, cfg.progress)
+    items = [EvalItem(records[j], text, files[j], weights)
+             for j, text, weights in zip(used, texts, maps, strict=True)]
     results = [{"image_id": it.record.image_id, "caption": it.caption} for it in items]
     metrics = score_captions(results, {it.record.image_id: it.record.captions for it in items},
                              use_java=cfg.use_java)
@@ -224,9 +244,8 @@ def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print)
     write_metrics_json(metrics_path, metrics, extra=extra)
     report_path = None
     if cfg.report:
-        stats = write_report(cfg.report, [{"image_id": it.record.image_id, "caption": it.caption,
-                                           "references": it.record.captions, "image_path": it.image_path}
-                                          for it in items], metrics, extra=extra,
+        size = int(captioner.cnn.get("image_size", 299))
+        stats = write_report(cfg.report, report_items(items, size), metrics, extra=extra,
                              title=f"{Path(cfg.model_dir).name}: {cfg.split} split")
         report_path = stats.path
         log(stats.summary())

@@ -1,4 +1,6 @@
-"""`caption --attention DIR`: one PNG per image showing where an attention model looked for each word.
+"""The heat-map strip of an attention model: one picture per image showing where it looked for each word,
+drawn for `caption --attention DIR` (one PNG file per image) and for the HTML report of `evaluate --report`
+(decoder.infer.evaluate hands `caption_strip` to evaluation.report, which embeds it).
 
 A row of square panels: first the image as the CNN saw it (THE preprocessing's geometry: resized to R x R,
 aspect not kept, central S x S crop), then one panel per word of the best caption: that image lit by the
@@ -58,6 +60,14 @@ def strip(image: np.ndarray | None, words: list[str], attention: np.ndarray) -> 
     return out
 
 
+def caption_strip(image_path, image_size: int, caption: str, attention: np.ndarray) -> Image.Image:
+    """The strip of one captioned image: image_path the file or None (weights on grey; an undecodable file
+    too); caption the best caption's text; attention float [n, h, w] of its words (extra rows are ignored)."""
+    image = cnn_view(image_path, image_size) if image_path else None
+    words = caption.split()[: len(attention)]
+    return strip(image, words, attention[: len(words)])
+
+
 def file_name(index: int, key: str) -> str:
     """"00003_dir_img.png": the item's position and its key with every non-alphanumeric run as "_"."""
     stem = re.sub(r"[^A-Za-z0-9]+", "_", Path(key).with_suffix("").as_posix()).strip("_")[-80:]
@@ -73,10 +83,8 @@ def write_heatmaps(results, out_dir, image_size: int, find_image=lambda key: Non
     for index, item in enumerate(results):
         if item.error or item.attention is None or not item.texts:
             continue
-        path = find_image(item.key)
-        image = cnn_view(path, image_size) if path else None
-        words = item.texts[0].split()[: len(item.attention)]
+        image = caption_strip(find_image(item.key), image_size, item.texts[0], item.attention)
         with atomic_path(out_dir / file_name(index, item.key), ".png") as tmp:
-            strip(image, words, item.attention[: len(words)]).save(tmp, format="PNG")
+            image.save(tmp, format="PNG")
         written += 1
     return written

@@ -5,6 +5,11 @@ fingerprint; the decoder starts from `decoder.weights.h5`. Training runs in THE 
 (decoder.train.loop: checkpoints, exact resume, logging, validation perplexity, tf.distribute, mixed
 precision); only the batch source (decoder.train.image_batches.ImageBatches) and the trainable model differ.
 
+Either decoder (decoder.arches): Show and Tell reads the CNN's pooled 2048-d vector; an attention model dir
+("arch": "attend") gets the CNN up to Mixed_7c (Keras `mixed10`, built by extract.encoder.build_encoder as
+`extract --grid` builds it) and reads its grid's h*w cells, standardised by the decoder's own feature
+statistics as at train-decoder time. Its grid_shape is fixed: an --image-size giving another grid is refused.
+
 Blocks (`--trainable-blocks N`): see decoder.train.cnn_blocks.
 Batch norm: the CNN is always called with training=False, so every BatchNormalization layer normalises
 with its moving mean/variance, which never change; its offset (beta; InceptionV3 has no scale) is trained
@@ -23,9 +28,7 @@ from base.digest import file_sha256
 from base.errors import InputError
 from base.locks import exclusive
 from data.captions import load_annotations
-from decoder.arches import refuse_attend
-from decoder.config import ModelConfig
-from decoder.model import build_decoder
+from decoder.arches import build_model, grid_shape, model_config_from
 from decoder.modeldir import (
     CNN_WEIGHTS,
     cnn_spec,
@@ -44,7 +47,7 @@ from decoder.train.image_batches import BadImages, ImageBatches, ImagePairs, ima
 from decoder.train.loop import TrainResult, train_loop
 from decoder.train.split_report import pairs_summary, split_report
 from decoder.train.step import Trainable
-from extract.encoder import FEATURE_DIM, MIN_IMAGE_SIZE, weights_fingerprint
+from extract.encoder import MIN_IMAGE_SIZE, grid_size, weights_fingerprint
 from extract.inputs import check_root
 
 COMMAND = "finetune"
@@ -84,19 +87,27 @@ def phase2_recipe(**overrides) -> TrainConfig:
 
 
 class FinetuneTrainable(Trainable):
-    """CNN + decoder from images: batch["images"] float32 [b, S, S, 3] -> pooled features -> caption loss.
-    The CNN always runs with training=False (batch norm in inference mode, moving statistics frozen)."""
+    """CNN + decoder from images: batch["images"] float32 [b, S, S, 3] -> the decoder's features -> caption
+    loss. The CNN always runs with training=False (batch norm in inference mode, moving statistics frozen).
+
+    cnn: the pooled InceptionV3 ([b, 2048]) for Show and Tell; for an attention decoder the one ending at
+    Mixed_7c ([b, h, w, 2048], extract.encoder.build_encoder with grid=True)."""
 
     def __init__(self, cnn, decoder):
         super().__init__({"decoder": decoder, "cnn": StableNames(cnn)})
         self.cnn = cnn  # the Keras model (objects["cnn"] is its checkpoint view)
+        self.feature_shape = tuple(getattr(decoder, "feature_shape", (decoder.config.feature_dim,)))
 
     def features(self, images):
-        """float32 [b, S, S, 3] in [-1, 1] -> float32 [b, 2048]. b may be 0 (a replica's share of a last
-        batch smaller than the number of replicas): then the CNN is not called, since TensorFlow's CPU
-        (oneDNN) convolution returns a wrongly shaped result for an empty batch."""
-        return tf.cond(tf.shape(images)[0] > 0, lambda: tf.cast(self.cnn(images, training=False), tf.float32),
-                       lambda: tf.zeros([0, FEATURE_DIM], tf.float32))
+        """float32 [b, S, S, 3] in [-1, 1] -> float32 [b, 2048] (attention decoder: the grid's cells float32
+        [b, h*w, 2048]). b may be 0 (a replica's share of a last batch smaller than the number of replicas):
+        then the CNN is not called, since TensorFlow's CPU (oneDNN) convolution returns a wrongly shaped
+        result for an empty batch."""
+        def run():
+            out = tf.cast(self.cnn(images, training=False), tf.float32)
+            return tf.reshape(out, [-1, *self.feature_shape])  # [b, h, w, D] -> [b, L, D]; pooled unchanged
+
+        return tf.cond(tf.shape(images)[0] > 0, run, lambda: tf.zeros([0, *self.feature_shape], tf.float32))
 
     def loss_sums(self, batch, training, seed):
         return self.decoder.loss_sums(self.features(batch["images"]), batch["input_seqs"],
@@ -110,12 +121,17 @@ def _split_pairs(annotations, split: str, roots, vocab, log, max_words: int | No
                         f"No image of the {split} split was found under the --images root(s).", log)
 
 
-def _check_args(cfg: FinetuneConfig, loaded) -> int:
+def _check_args(cfg: FinetuneConfig, loaded, model_config) -> int:
     """InputError for a bad option or a model dir without a CNN record; returns the image size."""
     cnn_spec(loaded)  # raises the "records no CNN" error
     image_size = int(cfg.image_size or loaded.cnn.get("image_size") or 299)
     if image_size < MIN_IMAGE_SIZE:
         raise InputError(f"--image-size {image_size} is too small: InceptionV3 needs at least 75 px.")
+    grid, got = grid_shape(model_config), grid_size(image_size)
+    if grid is not None and tuple(grid) != (got, got):
+        raise InputError(f"--image-size {image_size} gives a {got}x{got} Mixed_7c grid but the attention "
+                         f"model {loaded.model_dir} reads {grid[0]}x{grid[1]} grids: use its image size "
+                         f"({loaded.cnn.get('image_size')}) or one with the same grid.")
     if cfg.trainable_blocks is not None and not 0 <= cfg.trainable_blocks <= NUM_BLOCKS:
         raise InputError(f"--trainable-blocks {cfg.trainable_blocks} is out of range: InceptionV3 has "
                          f"{NUM_BLOCKS} mixed blocks (give 0 to {NUM_BLOCKS}).")
@@ -138,13 +154,13 @@ def finetune(cfg: FinetuneConfig, out, train: TrainConfig, overwrite: bool = Fal
 
 def _finetune(cfg, source_dir: Path, out: Path, train, overwrite, strategy, log, progress) -> TrainResult:
     loaded = load_model_dir(source_dir, cfg.weights)
-    refuse_attend(loaded.config, "finetune")
-    image_size = _check_args(cfg, loaded)
+    model_config = model_config_from(loaded.config)  # ModelConfig, or AttendConfig for an attend model dir
+    image_size = _check_args(cfg, loaded, model_config)
     log(f"start {loaded.weights.describe()}")
     roots = [check_root(r) for r in cfg.images]
     annotations = load_annotations(cfg.captions, fmt=cfg.caption_format, split_scheme=cfg.split_scheme)
     log(f"captions: {annotations.summary()}")
-    vocab, model_config = loaded.vocab, ModelConfig.from_dict(loaded.config["model"])
+    vocab, grid = loaded.vocab, grid_shape(model_config)
     train_pairs = _split_pairs(annotations, "train", roots, vocab, log, cfg.max_caption_length)
     val_pairs = _split_pairs(annotations, "val", roots, vocab, log, cfg.max_caption_length)
     identity = {"source": str(source_dir.resolve()), "source_cnn_fingerprint": loaded.cnn.get("fingerprint"),
@@ -161,12 +177,14 @@ def _finetune(cfg, source_dir: Path, out: Path, train, overwrite, strategy, log,
     built = {}
 
     def build():
-        cnn, built["start"] = load_cnn(loaded, image_size)  # refuses a CNN that is not the recorded one
+        # refuses a CNN that is not the recorded one; an attention decoder's ends at Mixed_7c (its grid)
+        cnn, built["start"] = load_cnn(loaded, image_size, grid=grid is not None)
         start_run_dir(worker_dir(out, strategy), vocab, config)
         trained_layers = set_trainable_blocks(cnn, cfg.trainable_blocks)
-        decoder = build_decoder(model_config, seed=train.seed)
-        decoder.set_weights(loaded.model.get_weights())  # the start weights (--weights last or best)
-        log(f"CNN: InceptionV3 at {image_size} px from {built['start']['weights']} (fingerprint "
+        decoder = build_model(model_config, seed=train.seed)
+        decoder.set_weights(loaded.model.get_weights())  # the start weights, feature statistics included
+        upto = f" up to Mixed_7c ({grid[0]}x{grid[1]} grid)" if grid else ""
+        log(f"CNN: InceptionV3 at {image_size} px{upto} from {built['start']['weights']} (fingerprint "
             f"{built['start']['fingerprint'][:12]}); training {len(trained_layers)} of "
             f"{sum(1 for layer in cnn.layers if layer.weights)} layers with weights"
             + ("" if cfg.trainable_blocks is None else f" (top {cfg.trainable_blocks} mixed blocks)")
