@@ -368,7 +368,8 @@ def export_command(model_dir, out, overwrite, **params):
               help="Train only the top N of InceptionV3's 11 mixed blocks (mixed10 down; 0 = CNN frozen). "
                    "Default: the whole CNN.")
 @click.option("--image-size", type=IMAGE_SIZES,
-              help="CNN input size (>= 75). Default: the model dir's CNN image size; smaller for a CPU.")
+              help="CNN input size (>= 75). Default: the model dir's CNN image size; smaller for a CPU "
+                   "(an attention model dir: one giving its grid size).")
 @learning_rate_option(default=0.0005, help="Constant SGD learning rate (im2txt phase 2).")
 @seed_option(help="Seed of shuffles, image distortions and dropout.")
 @click.option("--max-val-pairs", type=click.IntRange(min=0), default=2000,
@@ -386,6 +387,8 @@ def finetune_command(out, overwrite, no_progress, **params):
     jitter); batch norm in inference mode (moving statistics frozen). Writes a NEW model dir with
     cnn.weights.h5 and its fingerprint: `caption` uses it, `extract --cnn-weights OUT/cnn.weights.h5`
     re-extracts features with it. Same training loop as train-decoder (checkpoints, resume, GPUs).
+    An attention model dir (--arch attend) works too: the CNN is reattached up to Mixed_7c (mixed10) and
+    --image-size must give the model's grid size (its grid_shape; re-extract with extract --grid).
     """
     from decoder.train.config import TrainConfig
     from decoder.train.finetune import FinetuneConfig, finetune, phase2_recipe

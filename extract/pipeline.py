@@ -143,6 +143,14 @@ def inference_encoder(spec, precision: str | None = None, grid: bool = False):
     return _BUILT[key]
 
 
+def encode_batch(infer, x: np.ndarray, grid: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One CNN call of either engine: pixels float32 [B, S, S, 3] -> (pooled np.float32 [B, 2048], grid
+    np.float32 [B, h, w, 2048] or None). With `grid` (an encoder from inference_encoder(..., grid=True))
+    the pooled row is the mean of the float32 grid over h and w (InceptionV3's average pool)."""
+    out = infer(x)
+    return (out.mean(axis=(1, 2)), out) if grid else (out, None)
+
+
 def _build_new(spec, strategy, precision: str, grid: bool = False):
     with dtype_policy(precision), strategy.scope():
         model, spec = encoder_and_spec(spec, grid=grid)

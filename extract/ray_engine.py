@@ -7,6 +7,9 @@ CPUs); the driver collects the features and writes ONE PART STORE PER INPUT SHAR
 (`<out>.parts/<shard stem>.h5`, the feature-store format with the same CNN block and fingerprint, written
 whole to a temporary name and renamed: a part exists only complete). The parts are then joined, in input
 order, into `--out`, whose run identity is the local engine's (a local rerun reports it complete).
+With `--grid` the actors return the Mixed_7c grid too (extract.pipeline.encode_batch, the local engine's
+call) and every part store and `--out` hold `/grid` as the local engine writes it (one image per chunk,
+grid_shape); the join copies it a block of rows at a time.
 
 Why a copy and not an HDF5 virtual dataset over the parts: `--out` stays one self-contained file that
 every command, `merge-features` and the chunk checksums read unchanged, that can be moved or copied alone,
@@ -15,9 +18,10 @@ minutes for CC12M, next to hours of CNN time. The parts are kept (resume, audit)
 once `--out` is complete.
 
 Resume: a rerun skips the shards whose part store exists with the same run identity (inputs of that shard,
-CNN, size, dtype, seed). A killed actor is restarted by Ray and its batch retried; a killed driver loses
-only the parts not yet written. `--address` joins an existing cluster (`ray start --head` / KubeRay);
-without it a local Ray starts and stops with the command. The workers must import showtell (installed on
+CNN, size, dtype, seed, --grid; a part of another run, e.g. without --grid, is refused). A killed actor
+is restarted by Ray and its batch retried; a killed driver loses only the parts not yet written.
+`--address` joins an existing cluster (`ray start --head` / KubeRay); without it a local Ray starts and
+stops with the command. The workers must import showtell (installed on
 every node, or this checkout on a shared file system) and read the shard paths (a shared file system).
 """
 
@@ -39,16 +43,18 @@ from data.shard_readers import ShardColumns, ShardMember
 from data.shards import shard_format
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec
 from extract.inputs import Rows, check_output, gather_rows
+from extract.merge import BLOCK_ROWS, GRID_BLOCK_ROWS
 from extract.ray_tasks import ShardEncoder, decode_rows
 from extract.run import (
     ExtractResult,
-    _check_config,
-    _check_same_run,
-    _differences,
-    _drop_nonfinite,
-    _failed,
-    _static_attrs,
+    check_config,
+    check_same_run,
+    failed_counts,
+    grid_shape_of,
+    run_differences,
     run_identity,
+    static_attrs,
+    stored_rows,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +99,7 @@ def _done_part(path: Path, identity: dict) -> bool:
         return False
     with open_store(path, require_complete=False) as store:
         old, complete = dict(store.attrs.get("run") or {}), store.complete
-    _check_same_run(path, old, identity, complete=True)
+    check_same_run(path, old, identity, complete=True)
     return complete
 
 
@@ -128,7 +134,7 @@ def _dataset(ray, tasks: list[dict], cfg, spec: CNNSpec, precision: str, size: i
         logging.getLogger(name).setLevel(logging.ERROR)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.flat_map(decode_rows, fn_args=(spec.image_size, cfg.max_pixels, _columns(cfg)))
-    return ds.map_batches(ShardEncoder, fn_constructor_args=(spec.to_dict(), precision),
+    return ds.map_batches(ShardEncoder, fn_constructor_args=(spec.to_dict(), precision, cfg.grid),
                           batch_size=cfg.batch_size, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=size), **per_actor)
 
@@ -137,7 +143,7 @@ class _Collector:
     """Rows arriving in any order, grouped by shard; a shard's part store is written once all arrived."""
 
     def __init__(self, sizes: dict[str, int], writer):
-        self.sizes, self.write = sizes, writer  # rows per shard; writer(shard, {row: (f, ok, err)}, cnn)
+        self.sizes, self.write = sizes, writer  # rows per shard; writer(shard, {row: (f, ok, err, g)}, cnn)
         self.buf: dict[str, dict] = {shard: {} for shard in sizes}
         self.cnn: dict[str, str] = {}
 
@@ -146,8 +152,9 @@ class _Collector:
         for i, shard in enumerate(batch["shard"]):
             shard = str(shard)
             self.cnn.update(fingerprint=str(batch["fingerprint"][i]), precision=str(batch["precision"][i]))
+            grid = batch["grid"][i] if "grid" in batch else None  # float32 [h, w, 2048] with --grid
             self.buf[shard][int(batch["row"][i])] = (batch["features"][i], bool(batch["ok"][i]),
-                                                     str(batch["error"][i]))
+                                                     str(batch["error"][i]), grid)
             if len(self.buf[shard]) == self.sizes[shard]:
                 self.write(shard, self.buf.pop(shard), self.cnn)
         return len(batch["shard"])
@@ -155,22 +162,23 @@ class _Collector:
 
 def _write_part(cfg, out: Path, shard: str, part: Rows, spec: CNNSpec, identity: dict, got: dict,
                 cnn: dict) -> None:
-    """Write one shard's part store atomically (complete or not at all)."""
+    """Write one shard's part store atomically (complete or not at all); got: row -> (features float32
+    [2048], ok, error, grid float32 [h, w, 2048] or None), as _Collector buffers them."""
     n = len(part)
-    feats = np.stack([got[i][0] for i in range(n)]).astype(cfg.dtype)
     ok = np.array([got[i][1] for i in range(n)], bool)
     errors = [got[i][2] for i in range(n)]
-    ok = _drop_nonfinite(feats, ok, errors)
-    feats[~ok] = 0.0
+    grid = np.stack([got[i][3] for i in range(n)]) if cfg.grid else None
+    feats, ok, grid = stored_rows(np.stack([got[i][0] for i in range(n)]), ok, errors, grid, cfg.dtype)
     spec = CNNSpec(**{**spec.to_dict(), "fingerprint": cnn["fingerprint"]})
     identity = {**identity, "cnn": spec.to_dict(), "precision": cnn["precision"]}
     path = part_dir(out) / f"{Path(shard).stem}.h5"
     with atomic_path(path) as tmp:
-        attrs = {**_static_attrs(cfg, spec, identity, part, n), "input_shard": shard}
+        attrs = {**static_attrs(cfg, spec, identity, part, n), "input_shard": shard}
         with create_store(tmp, part.keys, part.image_ids, dim=FEATURE_DIM, views=1, dtype=cfg.dtype,
-                          attrs=attrs) as writer:
-            writer.commit(0, feats, ok, errors)
+                          attrs=attrs, grid=grid_shape_of(cfg, spec)) as writer:
+            writer.commit(0, feats, ok, errors, grid)
             writer.finish()
+
 
 
 def _join(cfg, out: Path, rows: Rows, paths: list[Path], spec: CNNSpec, identity: dict) -> None:
@@ -185,21 +193,28 @@ def _join(cfg, out: Path, rows: Rows, paths: list[Path], spec: CNNSpec, identity
                          f"({len(fingerprints)} fingerprints, precisions {sorted(map(str, precisions))}).")
     spec = CNNSpec(**{**spec.to_dict(), "fingerprint": fingerprints.pop()})
     identity = {**identity, "cnn": spec.to_dict(), "precision": precisions.pop()}
-    attrs = {**_static_attrs(cfg, spec, identity, rows, len(rows)), "joined_from": str(part_dir(out))}
+    attrs = {**static_attrs(cfg, spec, identity, rows, len(rows)), "joined_from": str(part_dir(out))}
     with atomic_path(out) as tmp:
         with create_store(tmp, rows.keys, rows.image_ids, dim=FEATURE_DIM, views=1, dtype=cfg.dtype,
-                          attrs=attrs) as writer:
-            start = 0
+                          attrs=attrs, grid=grid_shape_of(cfg, spec)) as writer:
             for path in paths:
                 with open_store(path) as store:
-                    writer.commit(start, store.read_features(), store.ok, store.errors)
-                    start += len(store)
+                    _copy_part(writer, store, GRID_BLOCK_ROWS if cfg.grid else BLOCK_ROWS)
             writer.finish()
+
+
+def _copy_part(writer, store, block: int) -> None:
+    """Append a part store's rows to `writer` (a StoreWriter), `block` rows at a time (with /grid)."""
+    for lo in range(0, len(store), block):
+        rows = np.arange(lo, min(len(store), lo + block))
+        grid = store.read_grid(rows) if writer.has_grid else None
+        writer.commit(writer.rows_done, store.read_features(rows), store.ok[rows],
+                      [store.errors[i] for i in rows], grid)
 
 
 def run_extract_ray(cfg, log=print) -> ExtractResult:
     """`extract --engine ray` (see the module docstring): checks the options, locks `cfg.out` for the run."""
-    _check_config(cfg)
+    check_config(cfg)
     _check_options(cfg)
     out = check_output(cfg.out)
     with exclusive(out, folder=False):
@@ -219,10 +234,10 @@ def _run_ray(cfg, out: Path, log) -> ExtractResult:
     if out.exists():
         with open_store(out, require_complete=False) as store:
             old, complete = dict(store.attrs.get("run") or {}), store.complete
-        _check_same_run(out, old, identity, complete)
-        if complete and not _differences(old, identity, True):
+        check_same_run(out, old, identity, complete)
+        if complete and not run_differences(old, identity, True):
             with open_store(out) as store:
-                failed = _failed(store.errors, store.ok)
+                failed = failed_counts(store.errors, store.ok)
             return ExtractResult(str(out), len(rows), 0, len(rows), failed, 0.0, os.path.getsize(out), True)
     return _extract_parts(cfg, out, rows, spec, identity, log)
 
@@ -245,7 +260,7 @@ def _extract_parts(cfg, out: Path, rows: Rows, spec: CNNSpec, identity: dict, lo
         _run_pipeline(cfg, out, todo, spec)
     _join(cfg, out, rows, paths, spec, identity)
     with open_store(out) as store:
-        failed = _failed(store.errors, store.ok)
+        failed = failed_counts(store.errors, store.ok)
     log(f"extract --engine ray: {len(groups)} shards, {len(groups) - len(todo)} already done; parts in "
         f"{part_dir(out)}")
     return ExtractResult(str(out), len(rows), len(rows) - skipped, skipped, failed, time.perf_counter() - t0,

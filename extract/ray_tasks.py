@@ -8,13 +8,15 @@ and runs THE decode + preprocess of the local engine (extract.preprocess), yield
 (extract.pipeline.inference_encoder, in the run's compute precision resolved on the driver: the same CNN,
 precision and fingerprint as the local engine) and
 maps a batch of rows to {"shard", "row", "features": float32 [B, 2048], "ok", "error", "fingerprint",
-"precision"}. Ray restarts a killed actor and retries its batch (Ray Data's defaults for actor pools).
+"precision"} (with --grid also "grid": float32 [B, h, w, 2048], features = its mean over h, w: the local
+engine's extract.pipeline.encode_batch). Ray restarts a killed actor and retries its batch (Ray Data's
+defaults for actor pools).
 """
 
 import numpy as np
 
 from data.shard_readers import ShardColumns, index_parquet, index_webdataset
-from extract.pipeline import inference_encoder, read_source
+from extract.pipeline import encode_batch, inference_encoder, read_source
 from extract.preprocess import BadImage, decode_image, preprocess
 
 
@@ -45,15 +47,18 @@ def decode_rows(task: dict, image_size: int, max_pixels: int, columns: ShardColu
 
 
 class ShardEncoder:
-    """The CNN of one actor: a batch of decoded rows -> their pooled features (float32 [B, 2048])."""
+    """The CNN of one actor: a batch of decoded rows -> their pooled features (float32 [B, 2048]) and, with
+    `grid`, their Mixed_7c grids (float32 [B, h, w, 2048])."""
 
-    def __init__(self, spec: dict, precision: str):
-        self.infer, built = inference_encoder(spec, precision)
-        self.fingerprint, self.precision = built.fingerprint, precision
+    def __init__(self, spec: dict, precision: str, grid: bool = False):
+        self.infer, built = inference_encoder(spec, precision, grid=grid)
+        self.fingerprint, self.precision, self.grid = built.fingerprint, precision, grid
 
     def __call__(self, batch: dict) -> dict:
         pixels = np.stack(list(batch["pixels"])).astype(np.float32)
         n = len(pixels)
-        return {"shard": batch["shard"], "row": batch["row"], "features": self.infer(pixels),
-                "ok": batch["ok"], "error": batch["error"], "fingerprint": np.array([self.fingerprint] * n),
-                "precision": np.array([self.precision] * n)}
+        pooled, grid = encode_batch(self.infer, pixels, self.grid)
+        out = {"shard": batch["shard"], "row": batch["row"], "features": pooled,
+               "ok": batch["ok"], "error": batch["error"], "fingerprint": np.array([self.fingerprint] * n),
+               "precision": np.array([self.precision] * n)}
+        return out if grid is None else {**out, "grid": grid}

@@ -36,7 +36,7 @@ from data.integrity import nonfinite_rows, rows_digest
 from data.shard_readers import ShardColumns
 from extract.encoder import FEATURE_DIM, CNNSpec, check_spec, grid_size
 from extract.inputs import Rows, check_output, gather_rows
-from extract.pipeline import inference_encoder, make_dataset
+from extract.pipeline import encode_batch, inference_encoder, make_dataset
 from extract.preprocess import MAX_PIXELS, error_category
 
 
@@ -92,16 +92,14 @@ class ExtractResult:
                 f" | {self.file_bytes / 1e6:.1f} MB {self.out}")
 
 
-def _check_config(cfg: ExtractConfig) -> None:
+def check_config(cfg: ExtractConfig) -> None:
+    """InputError for an option out of range (both engines, before any work)."""
     if cfg.dtype not in ("float16", "float32"):
         raise InputError(f"--dtype {cfg.dtype} is not float16 or float32.")
     if cfg.views < 1:
         raise InputError(f"--views {cfg.views} must be at least 1.")
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size {cfg.batch_size} must be at least 1.")
-    if cfg.grid and cfg.engine != "local":
-        raise InputError("--grid is extracted by the local engine only: drop --engine ray (or use --shard K "
-                         "--num-shards N and merge-features).")
     if cfg.engine not in ("local", "ray") or cfg.workers < 0:
         raise InputError(f"--engine {cfg.engine} / --workers {cfg.workers}: use local or ray, workers >= 0.")
     if cfg.num_shards < 1 or not 0 <= cfg.shard < cfg.num_shards:
@@ -129,7 +127,8 @@ def run_id(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _differences(old: dict, new: dict, complete: bool = False) -> list[str]:
+def run_differences(old: dict, new: dict, complete: bool = False) -> list[str]:
+    """The options (as the user typed them) in which run identity `new` differs from a file's `old` one."""
     names = {"inputs": "images (the list of rows)", "total_rows": "number of images", "shard": "--shard",
              "num_shards": "--num-shards", "dtype": "--dtype", "views": "--views", "seed": "--seed"}
     special = ("cnn", "precision", "batch_size", "grid")
@@ -148,8 +147,9 @@ def _differences(old: dict, new: dict, complete: bool = False) -> list[str]:
     return out
 
 
-def _check_same_run(path: Path, old: dict, new: dict, complete: bool) -> None:
-    diff = _differences(old, new, complete)
+def check_same_run(path: Path, old: dict, new: dict, complete: bool) -> None:
+    """InputError naming the options that differ when `path` (a store or part) holds another run."""
+    diff = run_differences(old, new, complete)
     if diff:
         raise InputError(f"{path} was written by a different extract command (differs in: {', '.join(diff)});"
                          " use another --out or delete the file.")
@@ -168,7 +168,8 @@ def _existing_run(path: Path) -> tuple[dict | None, bool]:
         raise InputError(f"{path} exists and cannot be resumed: {err}") from None
 
 
-def _failed(errors: list[str], oks) -> Counter:
+def failed_counts(errors: list[str], oks) -> Counter:
+    """Failed rows per error category: errors [n] str, oks bool [n]."""
     return Counter(error_category(e) for e, ok in zip(errors, oks, strict=True) if not ok)
 
 
@@ -181,7 +182,8 @@ def _check_space(path: Path, n: int, cfg: ExtractConfig) -> None:
                          f"{free / 1e6:.1f} MB free.")
 
 
-def _static_attrs(cfg: ExtractConfig, spec: CNNSpec, identity: dict, rows: Rows, total: int) -> dict:
+def static_attrs(cfg: ExtractConfig, spec: CNNSpec, identity: dict, rows: Rows, total: int) -> dict:
+    """The store attrs both engines write once: the CNN, the run identity, the inputs."""
     s, r = spec.image_size, spec.resize_size
     return {"cnn": spec.to_dict(), "cnn_arch": spec.arch, "cnn_weights": spec.weights,
             "cnn_fingerprint": spec.fingerprint, "image_size": s, "resize_size": r,
@@ -191,6 +193,11 @@ def _static_attrs(cfg: ExtractConfig, spec: CNNSpec, identity: dict, rows: Rows,
             "shard": cfg.shard, "num_shards": cfg.num_shards, "total_rows": total, "source": rows.source,
             "config": asdict(cfg), "created_by": f"showtell extract ({FORMAT_NAME})",
             "damaged_shards": json.dumps(rows.damaged)}
+
+
+def grid_shape_of(cfg: ExtractConfig, spec: CNNSpec) -> tuple[int, int] | None:
+    """(h, w) of the store's /grid with --grid (both engines), None without."""
+    return (grid_size(spec.image_size),) * 2 if cfg.grid else None
 
 
 def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNSpec) -> int:
@@ -205,17 +212,12 @@ def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNS
             ok = ok.numpy()
             n = len(ok)
             x = images.numpy().reshape((-1,) + tuple(images.shape[-3:]))
-            out, grid = infer(x), None  # [n*V, D]; with --grid [n*V, h, w, D], pooled = its mean over h, w
-            if cfg.grid:
-                grid, out = out.reshape((n, cfg.views) + out.shape[1:] if cfg.views > 1 else out.shape), \
-                    out.mean(axis=(1, 2))
-            feats = out.reshape((n, cfg.views, -1) if cfg.views > 1 else (n, -1)).astype(cfg.dtype)
+            out, grid = encode_batch(infer, x, cfg.grid)  # [n*V, D]; with --grid also [n*V, h, w, D]
+            if grid is not None and cfg.views > 1:
+                grid = grid.reshape((n, cfg.views) + grid.shape[1:])
             errors = [e.decode("utf-8", "replace") for e in errors.numpy()]
-            ok = _drop_nonfinite(feats, ok, errors, grid)
-            feats[~ok] = 0.0
-            if grid is not None:
-                grid = grid.astype(cfg.dtype)
-                grid[~ok] = 0.0
+            feats, ok, grid = stored_rows(out.reshape((n, cfg.views, -1) if cfg.views > 1 else (n, -1)),
+                                           ok, errors, grid, cfg.dtype)
             try:
                 writer.commit(row, feats, ok, errors, grid)
             except OSError as err:
@@ -228,6 +230,19 @@ def _loop(writer: StoreWriter, rows: Rows, infer, cfg: ExtractConfig, spec: CNNS
     finally:
         bar.close()
     return row - start
+
+
+def stored_rows(feats: np.ndarray, ok: np.ndarray, errors: list[str], grid, dtype: str):
+    """A batch as both engines store it: (features in `dtype` [n, ...], ok bool [n], grid in `dtype`
+    [n, ...] or None), from float32 features [n, ...] / grid [n, ...] (or None): rows with NaN/Inf marked
+    failed (their `errors` entry set), failed rows zeroed."""
+    feats = feats.astype(dtype)
+    ok = _drop_nonfinite(feats, ok, errors, grid)
+    feats[~ok] = 0.0
+    if grid is not None:
+        grid = grid.astype(dtype)
+        grid[~ok] = 0.0
+    return feats, ok, grid
 
 
 def _drop_nonfinite(feats: np.ndarray, ok: np.ndarray, errors: list[str], grid=None) -> np.ndarray:
@@ -246,7 +261,7 @@ def _drop_nonfinite(feats: np.ndarray, ok: np.ndarray, errors: list[str], grid=N
 def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
     """Extract features for every row into `cfg.out` (resuming a run of the same command), with the store
     locked for the whole run. `log` gets the captions-file load summary (skipped entries)."""
-    _check_config(cfg)
+    check_config(cfg)
     out = check_output(cfg.out)
     if cfg.engine != "local":
         raise InputError(f"run_extract is the local engine; --engine {cfg.engine}: extract.ray_engine.")
@@ -269,27 +284,27 @@ def _run(cfg: ExtractConfig, out: Path, log) -> ExtractResult:
     identity = run_identity(cfg, rows_all, spec, cfg.shard, cfg.num_shards)
     old, complete = _existing_run(out)
     if old is not None:
-        _check_same_run(out, old, identity, complete)
+        check_same_run(out, old, identity, complete)
     remove_stale_temps(out)
     log(precision_line(cfg.precision, "extract")[1])
     infer, spec = inference_encoder(spec, identity["precision"], grid=cfg.grid)
     identity["cnn"] = spec.to_dict()
     t0 = time.perf_counter()
     if old is not None:
-        _check_same_run(out, old, identity, complete)
+        check_same_run(out, old, identity, complete)
         if complete:
             with open_store(out) as store:
-                failed = _failed(store.errors, store.ok)
+                failed = failed_counts(store.errors, store.ok)
                 return ExtractResult(str(out), len(store), 0, len(store), failed, 0.0, os.path.getsize(out),
                                      already_complete=True)
         writer = StoreWriter(out)
     else:
         _check_space(out, len(rows), cfg)
         try:
-            attrs = _static_attrs(cfg, spec, identity, rows, len(rows_all))
+            attrs = static_attrs(cfg, spec, identity, rows, len(rows_all))
             writer = create_store(out, rows.keys, rows.image_ids, dim=FEATURE_DIM, views=cfg.views,
                                   dtype=cfg.dtype, attrs=attrs,
-                                  grid=(grid_size(spec.image_size),) * 2 if cfg.grid else None)
+                                  grid=grid_shape_of(cfg, spec))
         except OSError as err:
             raise InputError(f"cannot create {out}: {err}") from None
     with writer:
@@ -297,6 +312,6 @@ def _run(cfg: ExtractConfig, out: Path, log) -> ExtractResult:
         done = _loop(writer, rows, infer, cfg, spec) if skipped < len(rows) else 0
         if writer.rows_done == len(rows):
             writer.finish()
-        failed = _failed(writer.errors_done(), writer.ok_done())
+        failed = failed_counts(writer.errors_done(), writer.ok_done())
     return ExtractResult(str(out), len(rows), done, skipped, failed, time.perf_counter() - t0,
                          os.path.getsize(out), already_complete=skipped == len(rows))

@@ -1,6 +1,7 @@
 """`extract --engine ray` on a local 2-worker Ray (75 px, --cnn-weights none): the same store as the local
-engine, one part store per input shard, resume skipping complete parts, a damaged shard recorded, and a
-killed CNN actor retried by Ray with the same final store."""
+engine, one part store per input shard, resume skipping complete parts, a damaged shard recorded, a
+killed CNN actor retried by Ray with the same final store, and --grid (160 px) equal to the local grid
+store."""
 
 import os
 import signal
@@ -92,3 +93,31 @@ def test_killed_actor_is_retried_and_the_store_is_unchanged(shards, tmp_path):
     assert len(list((tmp_path / "ray.h5.parts").iterdir())) == 6
     cli("extract", pattern, "--out", tmp_path / "local.h5", *COMMON)
     _assert_same(_store(tmp_path / "ray.h5"), _store(tmp_path / "local.h5"))
+
+
+def _grid_store(path):
+    with open_store(path) as s:
+        return s.keys, list(s.ok), s.errors, s.read_features(), s.read_grid(), s.attrs["grid_shape"], s.dtype
+
+
+def test_ray_grid_equals_local_grid_and_refuses_mixing(shards):
+    root, pattern = shards
+    grid = [*COMMON, "--image-size", "160", "--grid"]  # the last --image-size wins: 3x3 grids
+    cli("extract", pattern, "--out", root / "local_grid.h5", *grid)
+    out = root / "ray_grid.h5"
+    cli("extract", pattern, "--out", out, *grid, "--engine", "ray", "--workers", "1", timeout=600)
+    local, ray = _grid_store(root / "local_grid.h5"), _grid_store(out)
+    assert ray[:3] == local[:3] and ray[5:] == local[5:] == ([3, 3], np.dtype("float32"))
+    np.testing.assert_array_equal(ray[3], local[3])
+    np.testing.assert_array_equal(ray[4], local[4])
+    np.testing.assert_array_equal(ray[3], ray[4].mean(axis=(1, 2)))  # pooled = the grid's mean (float32)
+    with open_store(root / "ray_grid.h5.parts" / "00000.h5") as part:
+        assert part.grid_shape == (3, 3) and part.attrs["grid_shape"] == [3, 3]
+        np.testing.assert_array_equal(part.read_grid(), local[4][:3])
+    for refused in (out, root / "ray_grid.h5.parts" / "00000.h5"):  # the final store, then (out gone) a part
+        proc = cli("extract", pattern, "--out", out, *COMMON, "--image-size", "160", "--engine", "ray",
+                   check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and str(refused) in last and "--grid (the file holds grid)" in last
+        assert "Traceback" not in proc.stderr
+        out.unlink(missing_ok=True)
