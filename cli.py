@@ -230,6 +230,11 @@ def merge_features_command(shards, out, overwrite):
               help="--arch attend: width of the attention MLP.")
 @click.option("--attention-penalty", type=FiniteRange(min=0), default=1.0,
               help="--arch attend: lambda of the doubly stochastic penalty sum_i (1 - sum_t alpha_ti)^2.")
+@click.option("--attention-init", type=click.Choice(["zero", "mean"]), default="zero",
+              help="--arch attend: the LSTM's initial state: zero (Att2in; the image enters only through the "
+                   "attention) or mean (the paper's: from the mean grid cell).")
+@click.option("--attention-temperature", type=FiniteRange(min=0, min_open=True), default=1.0,
+              help="--arch attend: tau of the attention softmax(score / tau); below 1 sharpens it.")
 @click.option("--vocab", help="Use this word_counts.txt instead of building one.")
 @click.option("--min-word-count", type=click.IntRange(min=1), default=4,
               help="Building the vocabulary: words seen fewer times in training captions become <UNK>.")
@@ -244,7 +249,7 @@ def merge_features_command(shards, out, overwrite):
 @overwrite_option(help="Start afresh in a model dir that holds another configuration.")
 @no_progress_option
 def train_decoder_command(model_dir, embedding_size, lstm_units, feature_norm, overwrite, no_progress, arch,
-                          attention_units, attention_penalty, **params):
+                          **params):
     """Train the Show and Tell decoder (projection, embeddings, LSTM, logits) from cached features.
 
     Recipe: im2txt phase 1 (SGD 2.0, clip 5.0, x0.5 every 8 epochs, batch 32). Uses every local GPU
@@ -254,11 +259,12 @@ def train_decoder_command(model_dir, embedding_size, lstm_units, feature_norm, o
     from decoder.train.config import TrainConfig
     from decoder.train.train_decoder import DataConfig, train_decoder
 
+    attention = {k: params.pop(k) for k in ("attention_units", "attention_penalty", "attention_init",
+                                            "attention_temperature")}
     result = train_decoder(_config(DataConfig, params), model_dir, _config(TrainConfig, params),
                            embedding_size=embedding_size, lstm_units=lstm_units, feature_norm=feature_norm,
                            pipeline=_config(PipelineConfig, params), overwrite=overwrite,
-                           progress=not no_progress, log=log, arch=arch, attention_units=attention_units,
-                           attention_penalty=attention_penalty)
+                           progress=not no_progress, log=log, arch=arch, **attention)
     click.echo(f"step {result.step}, epoch {result.epoch:.2f}: val perplexity {result.val_perplexity:.3f} "
                f"(best {result.best_val_perplexity:.3f}) -> {model_dir}")
 

@@ -34,8 +34,9 @@ METRICS_FORMAT = "showtell-metrics"  # a metrics JSON's "format" (evaluation.met
 EXPORT_MARKER = "assets.extra/showtell-export.json"  # written by decoder.infer.export into every export
 REPORT_MARKER = '<meta name="generator" content="showtell evaluate --report">'  # evaluation.report writes it
 DEMO_MARKER = "demo.json"  # the settings of the demo that made a workdir (decoder/demo.py writes it)
+# what the demo writes in its workdir (and --fresh removes)
 DEMO_OWNED = ("shapes", "features.h5", "model", "eval", "model-scst", "eval-scst", "report.html",
-              DEMO_MARKER)  # what the demo writes in its workdir (and --fresh removes)
+              "model-attend", "eval-attend", "report-attend.html", "heatmaps", DEMO_MARKER)
 MODEL_MEMBERS = ("config.json", "word_counts.txt", "decoder.weights.h5", "cnn.weights.h5", "metrics.jsonl",
                  "checkpoints", "logs")  # what a command reads (or resumes from) in a model dir
 _SAVEDMODEL = {"saved_model.pb", "variables", "assets", "assets.extra", "fingerprint.pb"}

@@ -6,10 +6,14 @@ serve it unchanged: `initial_state(grid)`, `step(tokens, state)`, `loss_sums(...
 
   e_i   = a_i W_enc                                    (cell embedding, [E]; `encode`)
   k_i   = e_i W_k                                      (attention keys, [A]; `att_keys`)
-  h_0   = tanh(mean_i e_i W_h + b_h),  c_0 = tanh(mean_i e_i W_c + b_c)      (`init_h`, `init_c`)
+  h_0 = c_0 = 0                                        (`initial_state` "zero", the default, as
+                                                        self-critical.pytorch's Att2in: all the image
+                                                        reaches the LSTM through the attention), or
+  h_0   = tanh(mean_i e_i W_h + b_h),  c_0 = tanh(mean_i e_i W_c + b_c)      ("mean", the paper's;
+                                                        `init_h`, `init_c`)
   per word t (x_t = embedding of the previous word):
   s_ti  = w_s . tanh(k_i + h_{t-1} W_q + b_q)          (MLP score of each cell from the LSTM state)
-  alpha_t = softmax_i(s_t)                             ([L], rows sum to 1)
+  alpha_t = softmax_i(s_t / tau)                       ([L], rows sum to 1; tau = `temperature`)
   beta_t  = sigmoid(h_{t-1} W_beta + b_beta)           (gating scalar)
   z_t   = beta_t * sum_i alpha_ti e_i                  (context, [E])
   h_t, c_t = LSTM([x_t, z_t], h_{t-1}, c_{t-1})         (Keras gates i, f, c, o; input width 2E)
@@ -33,6 +37,7 @@ from decoder.config import FEATURE_NORMS, config_from_dict
 from decoder.model import sparse_cross_entropy
 
 ARCH = "attend"
+INITIAL_STATES = ("zero", "mean")
 
 
 @dataclass
@@ -50,11 +55,18 @@ class AttendConfig:
     feature_norm: str = "none"  # "none" or "standardize" (per-channel, from the training grids)
     attention_penalty: float = 1.0  # lambda of the doubly stochastic penalty (0: none)
     deep_output: bool = False  # the logits also read the context z_t (the paper's deep output; docs)
+    initial_state: str = "zero"  # "zero": h0 = c0 = 0 (Att2in); "mean": from the mean cell (the paper's)
+    temperature: float = 1.0  # tau of softmax(s / tau): below 1 sharpens the attention weights
 
     def __post_init__(self):
         if self.feature_norm not in FEATURE_NORMS:
             raise InputError(f"Unknown feature normalisation {self.feature_norm!r}: use one of "
                              f"{', '.join(FEATURE_NORMS)}.")
+        if self.initial_state not in INITIAL_STATES:
+            raise InputError(f"Unknown attention initial state {self.initial_state!r}: use one of "
+                             f"{', '.join(INITIAL_STATES)}.")
+        if not 0 < self.temperature < float("inf"):
+            raise InputError(f"attention temperature {self.temperature} must be a positive number.")
         self.grid_shape = [int(g) for g in self.grid_shape]
 
     @property
@@ -68,8 +80,9 @@ class AttendConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> AttendConfig:
-        """Inverse of `to_dict`; InputError on unknown keys."""
-        return config_from_dict(cls, dict(data), "The attention model config")
+        """Inverse of `to_dict`; InputError on unknown keys. A config written before `initial_state`
+        existed had the mean-cell start."""
+        return config_from_dict(cls, {"initial_state": "mean", **data}, "The attention model config")
 
 
 class ShowAttendTell(keras.Model):
@@ -89,7 +102,9 @@ class ShowAttendTell(keras.Model):
         self.encode, self.att_keys = dense(e, 1, False, "encode"), dense(a, 2, False, "att_keys")
         self.att_query, self.att_score = dense(a, 3, name="att_query"), dense(1, 4, False, "att_score")
         self.gate, self.logits = dense(1, 5, name="gate"), dense(config.vocab_size, 6, name="logits")
-        self.init_h, self.init_c = dense(u, 7, name="init_h"), dense(u, 8, name="init_c")
+        mean_start = config.initial_state == "mean"  # "zero" has no start layers (nothing to train)
+        self.init_h, self.init_c = (dense(u, 7, name="init_h"), dense(u, 8, name="init_c")) if mean_start \
+            else (None, None)
         init = keras.initializers.RandomUniform(-s, s, seed=None if seed is None else seed * 11 + 9)
         self.seq_embedding = keras.layers.Embedding(config.vocab_size, e, embeddings_initializer=init,
                                                     name="seq_embedding")
@@ -105,7 +120,8 @@ class ShowAttendTell(keras.Model):
                              (self.gate, u), (self.logits, u + (e if config.deep_output else 0)),
                              (self.init_h, e), (self.init_c, e),
                              (self.lstm, 2 * e)):
-            layer.build((None, width))
+            if layer is not None:
+                layer.build((None, width))
         self.seq_embedding.build((None,))
         self.built = True
         state = (tf.TensorSpec([None, u], tf.float32), tf.TensorSpec([None, u], tf.float32),
@@ -146,7 +162,10 @@ class ShowAttendTell(keras.Model):
         return y + self._w(layer.bias, x.dtype) if layer.use_bias else y
 
     def _start(self, cells):
-        """cells [B, L, E] -> (h0, c0) [B, U]."""
+        """cells [B, L, E] -> (h0, c0) [B, U] (zeros, or from the mean cell: `initial_state`)."""
+        if self.init_h is None:
+            zeros = tf.zeros([tf.shape(cells)[0], self.config.lstm_units], cells.dtype)
+            return zeros, zeros
         mean = tf.reduce_mean(cells, axis=1)
         return tf.tanh(self._dense(self.init_h, mean)), tf.tanh(self._dense(self.init_c, mean))
 
@@ -154,7 +173,7 @@ class ShowAttendTell(keras.Model):
         """h [B, U] -> (alpha float32 [B, L], gated context [B, E])."""
         q = self._dense(self.att_query, h)  # [B, A]
         scores = tf.tensordot(tf.tanh(keys + q[:, None, :]), self._w(self.att_score.kernel, h.dtype), axes=1)
-        alpha = tf.nn.softmax(tf.cast(scores[..., 0], tf.float32), axis=-1)
+        alpha = tf.nn.softmax(tf.cast(scores[..., 0], tf.float32) / self.config.temperature, axis=-1)
         context = tf.reduce_sum(tf.cast(alpha, h.dtype)[..., None] * cells, axis=1)
         return alpha, tf.sigmoid(self._dense(self.gate, h)) * context
 

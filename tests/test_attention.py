@@ -140,10 +140,33 @@ def test_grid_store_kill9_then_rerun_equals_uninterrupted(shapes, tmp_path):
 # ---- the attend decoder behind the Show and Tell contract --------------------------------------------------
 
 
-def _tiny(seed=0, penalty=1.0):
+def _tiny(seed=0, penalty=1.0, **kw):
     config = AttendConfig(vocab_size=11, grid_shape=[3, 3], embedding_size=8, lstm_units=8, attention_units=6,
-                          feature_dim=16, init_scale=0.5, attention_penalty=penalty)
+                          feature_dim=16, init_scale=0.5, attention_penalty=penalty, **kw)
     return build_attend(config, seed=seed)
+
+
+def test_attend_initial_state_and_temperature():
+    """"zero" (the default) starts the LSTM at 0 and has no start layers; "mean" starts it from the mean
+    cell; a config written before the option existed reads as "mean". A temperature below 1 sharpens every
+    attention row (same weights, same scores); a bad value is one InputError."""
+    grid = np.random.default_rng(4).normal(size=(2, 9, 16)).astype(np.float32)
+    zero, mean = _tiny(), _tiny(initial_state="mean")
+    h, c, _, _ = zero.initial_state(grid)
+    assert not np.asarray(h).any() and not np.asarray(c).any()
+    assert np.abs(np.asarray(mean.initial_state(grid)[0])).max() > 1e-3
+    assert len(mean.get_weights()) == len(zero.get_weights()) + 4  # init_h, init_c: kernel and bias
+    old = {k: v for k, v in zero.config.to_dict().items() if k != "initial_state"}
+    assert AttendConfig.from_dict(old).initial_state == "mean"
+    seqs = np.array([[1, 4, 5], [1, 7, 3]], np.int32)
+    sharp = _tiny(temperature=0.25)
+    sharp.set_weights(zero.get_weights())
+    soft, hard = zero.attention_maps(grid, seqs), sharp.attention_maps(grid, seqs)
+    np.testing.assert_allclose(hard.sum(-1), 1.0, atol=1e-5)
+    assert (hard.max(-1) > soft.max(-1)).all()
+    for bad in ({"temperature": 0.0}, {"temperature": float("nan")}, {"initial_state": "ones"}):
+        with pytest.raises(InputError):
+            _tiny(**bad)
 
 
 def test_attend_step_matches_teacher_forcing_and_rows_sum_to_one():

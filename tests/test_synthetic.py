@@ -11,7 +11,7 @@ from PIL import Image
 from data.captions import load_annotations
 from data.synthetic import COLOURS, SHAPES, SIZES, generate_shapes
 from data.vocab import Vocabulary
-from evaluation.shapes import caption_accuracy, named_in
+from evaluation.shapes import caption_accuracy, named_in, pair_right, stated_relation
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -75,9 +75,35 @@ def test_caption_accuracy_counts_the_named_colours_and_shapes(tmp_path):
     acc = caption_accuracy(right, path)
     n_single, n_pair = acc["single"][1], acc["pair"][1]
     assert n_single + n_pair == 20 and n_single and n_pair
-    assert acc == {"single": [n_single, n_single], "pair": [n_pair, n_pair], "colour": [20, 20]}
+    assert {k: acc[k] for k in ("single", "pair", "colour")} == \
+        {"single": [n_single, n_single], "pair": [n_pair, n_pair], "colour": [20, 20]}
+    assert acc["pair_strict"][1] == n_pair
     wrong = {i: "a " + ("green" if "green" not in c else "red") + " cross" for i, c in right.items()}
-    assert caption_accuracy(wrong, path) == {"single": [0, n_single], "pair": [0, n_pair], "colour": [0, 20]}
+    assert caption_accuracy(wrong, path) == {"single": [0, n_single], "pair": [0, n_pair],
+                                             "pair_strict": [0, n_pair], "colour": [0, 20]}
+
+
+def test_strict_pair_check_wants_both_objects_and_the_right_relation(tmp_path):
+    """Every reference caption of a two-shape image that states a relation passes the strict check; one
+    joined by "and" (no relation), one with the relation flipped, one with a wrong or an extra object fail."""
+    path = generate_shapes(tmp_path, n_images=60, image_size=80, seed=4, pair_fraction=1.0)
+    flip = {"above": "below", "over": "under", "below": "above", "under": "over", "left": "right",
+            "right": "left"}
+    checked = 0
+    for im, rec in zip(json.loads(path.read_text())["images"], load_annotations(path).records, strict=True):
+        shapes, relation = im["shapes"], im["relation"]
+        for caption in rec.captions:
+            stated = stated_relation(caption) is not None
+            assert pair_right(caption, shapes, relation) == stated, (caption, shapes, relation)
+            assert stated or " and " in caption
+            if stated:
+                checked += 1
+                flipped = " ".join(flip.get(w, w) for w in caption.split())
+                assert not pair_right(flipped, shapes, relation), flipped
+                other = next(c for c in COLOURS if c not in {s["colour"] for s in shapes})
+                assert not pair_right(caption.replace(shapes[0]["colour"], other, 1), shapes, relation)
+                assert not pair_right(caption + " and a " + other + " cross", shapes, relation)
+    assert checked >= 60
 
 
 def _preprocessed(path, size: int) -> np.ndarray:

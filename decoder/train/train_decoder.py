@@ -87,7 +87,8 @@ def train_decoder(data: DataConfig, model_dir, train: TrainConfig, embedding_siz
                   lstm_units: int = 512, feature_norm: str = "none", pipeline: PipelineConfig | None = None,
                   overwrite: bool = False, strategy=None, log=print, progress: bool = True,
                   arch: str = "show-and-tell", attention_units: int = 512,
-                  attention_penalty: float = 1.0) -> TrainResult:
+                  attention_penalty: float = 1.0, attention_init: str = "zero",
+                  attention_temperature: float = 1.0) -> TrainResult:
     """Train the decoder from cached features into `model_dir` (resuming when it holds a checkpoint).
     arch "attend": the attention decoder (decoder.attend) over the store's grid (extract --grid).
 
@@ -98,7 +99,8 @@ def train_decoder(data: DataConfig, model_dir, train: TrainConfig, embedding_siz
     strategy = strategy or choose_strategy()
     model_dir = Path(model_dir)
     with exclusive(worker_dir(model_dir, strategy), folder=True), open_store(data.features) as store:
-        shape = ModelShape(embedding_size, lstm_units, feature_norm, arch, attention_units, attention_penalty)
+        shape = ModelShape(embedding_size, lstm_units, feature_norm, arch, attention_units, attention_penalty,
+                           attention_init, attention_temperature)
         return _train(data, model_dir, train, shape,
                       pipeline or PipelineConfig(), store, overwrite, strategy, log, progress)
 
@@ -113,6 +115,8 @@ class ModelShape:
     arch: str = "show-and-tell"  # decoder.arches: show-and-tell (pooled features) or attend (the grid)
     attention_units: int = 512  # attend: width of the attention MLP
     attention_penalty: float = 1.0  # attend: lambda of the doubly stochastic attention penalty
+    attention_init: str = "zero"  # attend: the LSTM's initial state, "zero" or "mean" (decoder.attend)
+    attention_temperature: float = 1.0  # attend: tau of the attention softmax(s / tau)
 
     def model_config(self, vocab_size: int, store):
         """The ModelConfig (or AttendConfig) of these sizes for a store's features (or grid)."""
@@ -123,7 +127,8 @@ class ModelShape:
         config = AttendConfig(vocab_size=vocab_size, grid_shape=list(store.grid_shape or (0, 0)),
                               embedding_size=self.embedding_size, lstm_units=self.lstm_units,
                               attention_units=self.attention_units, feature_dim=store.dim,
-                              feature_norm=self.feature_norm, attention_penalty=self.attention_penalty)
+                              feature_norm=self.feature_norm, attention_penalty=self.attention_penalty,
+                              initial_state=self.attention_init, temperature=self.attention_temperature)
         check_grid_fits(store, config, store.path, "--arch attend")
         return config
 
