@@ -9,7 +9,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from helpers import assert_same_weights, cli, kill_and_resume
+from helpers import assert_same_weights, checkpoint_steps, cli, kill_and_resume
 
 from base.errors import InputError
 from beam import beam_search
@@ -233,17 +233,25 @@ def _train(shapes, store, out, steps, **kw):
 
 
 @pytest.mark.slow
-def test_attend_trains_and_resumes_exactly(shapes, grid_store, tmp_path):
-    """An attend run resumed from its step-4 checkpoint ends with the weights of an uninterrupted run; the
-    model dir records arch "attend" and the grid."""
-    straight = _train(shapes, grid_store, tmp_path / "straight", 8)
-    assert straight.step == 8 and np.isfinite(straight.val_perplexity)
-    _train(shapes, grid_store, tmp_path / "resumed", 4)
-    resumed = _train(shapes, grid_store, tmp_path / "resumed", 8)
-    assert resumed.resumed_from == 4
-    assert_same_weights(tmp_path / "resumed", tmp_path / "straight", atol=1e-6)
+def test_attend_trains_and_resumes_exactly_after_kill9(shapes, grid_store, tmp_path):
+    """`train-decoder --arch attend` killed with SIGKILL after its step-4 checkpoint, then rerun, ends with
+    the weights of an uninterrupted run; the model dir records arch "attend" and the grid."""
+    _, captions = shapes
+    out = tmp_path / "killed"
+    argv = ["train-decoder", "--features", grid_store, "--captions", captions, "--model-dir", out,
+            "--arch", "attend", "--attention-units", 8, "--embedding-size", 16, "--lstm-units", 16,
+            "--feature-norm", "standardize", "--optimizer", "adam", "--learning-rate", 0.01, "--steps", 40,
+            "--batch-size", 16, "--min-word-count", 1, "--precision", "float32", "--checkpoint-every", 4,
+            "--eval-every", 4, "--no-progress"]
+    run = kill_and_resume(argv, lambda: 4 in checkpoint_steps(out),
+                          lambda: _train(shapes, grid_store, out, 40),
+                          reference=lambda: _train(shapes, grid_store, tmp_path / "straight", 40))
+    assert run.reference.step == 40 and np.isfinite(run.reference.val_perplexity)
+    assert 4 <= run.resumed.resumed_from < 40 and run.resumed.step == 40
+    assert_same_weights(out, tmp_path / "straight", atol=1e-6)
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert config["arch"] == "attend" and config["model"]["grid_shape"] == [3, 3]
+    assert config["model"]["initial_state"] == "zero"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ CELLS = 9
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A 40-image shapes set at 160 px, its float16 grid store (`extract --grid`), an attend model dir
-    (`train-decoder --arch attend`, 120 steps: after 40 most best captions are still empty) and its float32
+    (`train-decoder --arch attend`, 120 steps, 32 wide: narrower or shorter, most best captions are still
+    empty) and its float32
     export: {root, store, model, export}."""
     root = tmp_path_factory.mktemp("attend_export")
     captions = generate_shapes(root, n_images=40, image_size=SIZE, seed=3)
@@ -32,7 +33,7 @@ def exported(tmp_path_factory):
         "--cnn-weights", "none", "--image-size", SIZE, "--batch-size", "8", "--precision", "float32",
         "--no-progress")
     cli("train-decoder", "--features", store, "--captions", captions, "--model-dir", model,
-        "--arch", "attend", "--attention-units", "8", "--embedding-size", "16", "--lstm-units", "16",
+        "--arch", "attend", "--attention-units", "8", "--embedding-size", "32", "--lstm-units", "32",
         "--feature-norm", "standardize", "--optimizer", "adam", "--learning-rate", "0.02", "--steps", "120",
         "--batch-size", "16", "--min-word-count", "1", "--precision", "float32", "--no-progress")
     cli("export", "--model-dir", model, "--out", out, "--precision", "float32")

@@ -62,9 +62,9 @@ def test_the_wheel_installs_and_runs_the_tiny_demo_from_anywhere(tmp_path):
     out = demo.stdout
     assert demo.returncode == 0, (out[-2000:], demo.stderr[-3000:])
     commands = [line for line in out.splitlines() if line.startswith("$ ")]
-    assert len(commands) == 6 and all(c.startswith("$ showtell ") for c in commands), commands
+    assert len(commands) == 9 and all(c.startswith("$ showtell ") for c in commands), commands
     assert "cli.py" not in out
-    assert len(re.findall(r"^CIDEr +\d+\.\d{4}$", out, re.M)) == 2  # the XE and the SCST table
+    assert len(re.findall(r"^CIDEr +\d+\.\d{4}$", out, re.M)) == 3  # the XE, SCST and attention tables
     assert "scorers: showtell's own (no pycocoevalcap)" in out and "METEOR and SPICE skipped" in out
     assert re.search(r"^SCST vs XE: CIDEr \d+\.\d{3} vs \d+\.\d{3}", out, re.M)
     assert (elsewhere / "w" / "report.html").is_file()
