@@ -504,7 +504,7 @@ def evaluate_command(java, no_progress, **params):
 @click.option("--workdir", default="demo_run",
               help="Folder for the generated data, features, model and reports; rerunning resumes.")
 @click.option("--preset", default="full", type=click.Choice(["full", "tiny"]),
-              help="full: the real demo (~2-3 min on 2 CPU cores); tiny: fewer images and steps (~1 min).")
+              help="full: the real demo (~4.5 min on 2 CPU cores); tiny: fewer images and steps (~1-2 min).")
 @click.option("--fresh", is_flag=True,
               help="Remove what an earlier demo wrote in the workdir and start over.")
 @no_progress_option

@@ -50,7 +50,7 @@ OWNED = DEMO_OWNED  # what the demo writes (and --fresh removes)
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults: the `make demo` run, ~3-4 minutes on 2 CPU cores)."""
+    """Sizes of the demo (defaults: the `make demo` run, ~4.5 minutes on 2 CPU cores)."""
 
     n_images: int = 3000  # synthetic images (80% train, 10% val, 10% test)
     image_size: int = 160  # image side and CNN input size S in pixels: 160 gives a 3x3 Mixed_7c grid
@@ -73,7 +73,7 @@ class DemoConfig:
 
     @classmethod
     def preset(cls, name: str) -> DemoConfig:
-        """"full" (make demo) or "tiny" (the test suite: same code path, ~1 minute)."""
+        """"full" (make demo) or "tiny" (the test suite: same code path, ~1-2 minutes)."""
         if name == "full":
             return cls()
         if name == "tiny":
