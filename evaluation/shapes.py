@@ -48,7 +48,6 @@ def pair_right(caption: str, shapes: list[dict], relation: str | None) -> bool:
     or shape word) and states their relation correctly. shapes: the two drawn objects, the first being
     `relation` the second (data.synthetic); a caption stating no relation is wrong."""
     stated = stated_relation(caption)
-    colours, kinds = named_in(caption)
     words = caption.split()
     if stated is None or len(shapes) != 2 or relation is None \
             or sum(w in COLOURS for w in words) != 2 or sum(w in SHAPES for w in words) != 2:
