@@ -9,44 +9,29 @@ import os
 import h5py
 import numpy as np
 import pytest
+from attend_data import SIZE, extract_grid, grid_shapes, train_tiny_attend
 from helpers import assert_same_weights, checkpoint_steps, cli, kill_and_resume
 
 from base.errors import InputError
 from beam import beam_search
 from data.features import create_store, open_store
-from data.synthetic import generate_shapes
 from decoder.attend import AttendConfig, build_attend
-from decoder.train.config import TrainConfig
-from decoder.train.train_decoder import DataConfig, train_decoder
 from extract.encoder import grid_size
 from extract.merge import merge_shards
-from extract.run import ExtractConfig, run_extract
-
-SIZE = 160  # InceptionV3's Mixed_7c is 3x3 at 160 px
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """A small synthetic shapes set at 160 px: (root, captions.json)."""
     root = tmp_path_factory.mktemp("shapes")
-    return root, generate_shapes(root, n_images=40, image_size=SIZE, seed=3)
-
-
-def _extract(out, images, captions=None, **kw):
-    cfg = dict(out=str(out), cnn_weights="none", image_size=SIZE, batch_size=8, progress=False, grid=True,
-               precision="float32")
-    if captions:
-        cfg.update(images=[str(images)], captions=[str(captions)])
-    else:
-        cfg.update(paths=[str(images)])
-    return run_extract(ExtractConfig(**{**cfg, **kw}), log=lambda *_: None)
+    return root, grid_shapes(root)
 
 
 @pytest.fixture(scope="module")
 def grid_store(shapes):
     """A float16 grid store of the shapes set (the default dtype)."""
     root, captions = shapes
-    _extract(root / "grid.h5", root / "images", captions)
+    extract_grid(root / "grid.h5", root / "images", captions)
     return root / "grid.h5"
 
 
@@ -68,8 +53,8 @@ def test_grid_store_pooled_is_grid_mean(shapes, grid_store, tmp_path):
         assert np.abs(grid.astype(np.float32)).max() > 0  # real values, not the zero fill
     with h5py.File(grid_store) as f:
         assert f["grid"].chunks == (1, 3, 3, 2048) and f["grid"].fletcher32
-    out = _extract(tmp_path / "f32.h5", root / "images", dtype="float32")
-    plain = _extract(tmp_path / "plain.h5", root / "images", dtype="float32", grid=False)
+    out = extract_grid(tmp_path / "f32.h5", root / "images", dtype="float32")
+    plain = extract_grid(tmp_path / "plain.h5", root / "images", dtype="float32", grid=False)
     assert out.done_now == 40 and plain.done_now == 40
     with open_store(tmp_path / "f32.h5") as g, open_store(tmp_path / "plain.h5") as p:
         assert p.grid_shape is None
@@ -78,7 +63,7 @@ def test_grid_store_pooled_is_grid_mean(shapes, grid_store, tmp_path):
         with pytest.raises(InputError, match="holds no grid"):
             p.read_grid([0])
     with pytest.raises(InputError, match="--grid"):  # resuming a pooled store with --grid
-        _extract(tmp_path / "plain.h5", root / "images", dtype="float32")
+        extract_grid(tmp_path / "plain.h5", root / "images", dtype="float32")
 
 
 @pytest.mark.slow
@@ -87,7 +72,7 @@ def test_grid_store_shards_merge_and_resume(shapes, grid_store, tmp_path):
     root, captions = shapes
     parts = [tmp_path / f"s{k}.h5" for k in range(2)]
     for k, part in enumerate(parts):
-        _extract(part, root / "images", captions, shard=k, num_shards=2)
+        extract_grid(part, root / "images", captions, shard=k, num_shards=2)
     merge_shards([str(p) for p in parts], tmp_path / "merged.h5")
     with open_store(tmp_path / "merged.h5") as m, open_store(grid_store) as ref:
         assert m.keys == ref.keys and m.grid_shape == (3, 3)
@@ -95,12 +80,12 @@ def test_grid_store_shards_merge_and_resume(shapes, grid_store, tmp_path):
         np.testing.assert_array_equal(m.read_features(), ref.read_features())
     # an interrupted run: rows_done rolled back to 8 -> a rerun redoes rows 8.. and gives the same grids
     partial = tmp_path / "partial.h5"
-    _extract(partial, root / "images", captions)
+    extract_grid(partial, root / "images", captions)
     with h5py.File(partial, "r+") as f:
         f["grid"][8:] = 0
         f.attrs.modify("rows_done", np.int64(8))
         f.attrs.modify("complete", np.bool_(False))
-    result = _extract(partial, root / "images", captions)
+    result = extract_grid(partial, root / "images", captions)
     assert (result.skipped, result.done_now) == (8, 32)
     with open_store(partial) as p, open_store(grid_store) as ref:
         np.testing.assert_array_equal(p.read_grid(), ref.read_grid())
@@ -125,9 +110,9 @@ def test_grid_store_kill9_then_rerun_equals_uninterrupted(shapes, tmp_path):
             return -1
 
     run = kill_and_resume(args, lambda: out.exists() and rows_done() >= 4,
-                          lambda: _extract(out, root / "images", dtype="float32", batch_size=2),
+                          lambda: extract_grid(out, root / "images", dtype="float32", batch_size=2),
                           inspect=rows_done,
-                          reference=lambda: _extract(ref, root / "images", dtype="float32", batch_size=2),
+                          reference=lambda: extract_grid(ref, root / "images", dtype="float32", batch_size=2),
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
     assert 4 <= run.at_kill < 40 and run.resumed.skipped == run.at_kill
     with open_store(out) as a, open_store(ref) as b:
@@ -223,29 +208,21 @@ def test_attend_penalty_only_while_training():
 # ---- train-decoder --arch attend, caption, refusals -----------------------------------------------------
 
 
-def _train(shapes, store, out, steps, **kw):
-    _, captions = shapes
-    train = TrainConfig(steps=steps, batch_size=16, optimizer="adam", learning_rate=0.01, eval_every=4,
-                        checkpoint_every=4, precision="float32")
-    return train_decoder(DataConfig(features=str(store), captions=[str(captions)], min_word_count=1), out,
-                         train, embedding_size=16, lstm_units=16, feature_norm="standardize", arch="attend",
-                         attention_units=8, progress=False, log=lambda *_: None, **kw)
-
-
 @pytest.mark.slow
 def test_attend_trains_and_resumes_exactly_after_kill9(shapes, grid_store, tmp_path):
     """`train-decoder --arch attend` killed with SIGKILL after its step-4 checkpoint, then rerun, ends with
     the weights of an uninterrupted run; the model dir records arch "attend" and the grid."""
     _, captions = shapes
-    out = tmp_path / "killed"
+    out, every = tmp_path / "killed", {"eval_every": 4, "checkpoint_every": 4}  # as the command line below
     argv = ["train-decoder", "--features", grid_store, "--captions", captions, "--model-dir", out,
             "--arch", "attend", "--attention-units", 8, "--embedding-size", 16, "--lstm-units", 16,
             "--feature-norm", "standardize", "--optimizer", "adam", "--learning-rate", 0.01, "--steps", 40,
             "--batch-size", 16, "--min-word-count", 1, "--precision", "float32", "--checkpoint-every", 4,
             "--eval-every", 4, "--no-progress"]
     run = kill_and_resume(argv, lambda: 4 in checkpoint_steps(out),
-                          lambda: _train(shapes, grid_store, out, 40),
-                          reference=lambda: _train(shapes, grid_store, tmp_path / "straight", 40))
+                          lambda: train_tiny_attend(grid_store, captions, out, 40, **every),
+                          reference=lambda: train_tiny_attend(grid_store, captions, tmp_path / "straight", 40,
+                                                              **every))
     assert run.reference.step == 40 and np.isfinite(run.reference.val_perplexity)
     assert 4 <= run.resumed.resumed_from < 40 and run.resumed.step == 40
     assert_same_weights(out, tmp_path / "straight", atol=1e-6)
@@ -292,7 +269,7 @@ def test_attend_cli_caption_heatmaps_and_refusals(shapes, grid_store, attend_mod
         assert im.size == (128 * (1 + len(first["attention"]["words"])), 128 + 18)
     # refusals: a pooled-only store; a 2x2 grid store of the same CNN; --attention with Show and Tell
     pooled = tmp_path / "pooled.h5"
-    _extract(pooled, root / "images", captions, grid=False)
+    extract_grid(pooled, root / "images", captions, grid=False)
     bad = cli("caption", "--model-dir", model, "--features", pooled, check=False)
     assert bad.returncode == 2 and "holds pooled features only" in bad.stderr
     assert len([line for line in bad.stderr.splitlines() if line.startswith("Error:")]) == 1

@@ -9,33 +9,23 @@ import json
 
 import numpy as np
 import pytest
+from attend_data import CELLS, shapes_with_grid, train_tiny_attend
 from helpers import cli, run_saved_models
 
 from base.devices import using_precision
 from data.features import open_store
-from data.synthetic import generate_shapes
 from decoder.infer.captioner import Captioner, caption_files, caption_store
-
-SIZE = 160  # InceptionV3's Mixed_7c is 3x3 at 160 px
-CELLS = 9
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A 40-image shapes set at 160 px, its float16 grid store (`extract --grid`), an attend model dir
     (`train-decoder --arch attend`, 120 steps, 32 wide: narrower or shorter, most best captions are still
-    empty) and its float32
-    export: {root, store, model, export}."""
+    empty) and its float32 export (the CLI): {root, store, model, export}."""
     root = tmp_path_factory.mktemp("attend_export")
-    captions = generate_shapes(root, n_images=40, image_size=SIZE, seed=3)
-    store, model, out = root / "grid.h5", root / "model", root / "exported" / "1"
-    cli("extract", "--images", root / "images", "--captions", captions, "--out", store, "--grid",
-        "--cnn-weights", "none", "--image-size", SIZE, "--batch-size", "8", "--precision", "float32",
-        "--no-progress")
-    cli("train-decoder", "--features", store, "--captions", captions, "--model-dir", model,
-        "--arch", "attend", "--attention-units", "8", "--embedding-size", "32", "--lstm-units", "32",
-        "--feature-norm", "standardize", "--optimizer", "adam", "--learning-rate", "0.02", "--steps", "120",
-        "--batch-size", "16", "--min-word-count", "1", "--precision", "float32", "--no-progress")
+    captions, store = shapes_with_grid(root)
+    model, out = root / "model", root / "exported" / "1"
+    train_tiny_attend(store, captions, model, 120, units=32, learning_rate=0.02)
     cli("export", "--model-dir", model, "--out", out, "--precision", "float32")
     return {"root": root, "store": store, "model": model, "export": out}
 

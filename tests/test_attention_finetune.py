@@ -11,20 +11,16 @@ import json
 
 import numpy as np
 import pytest
+from attend_data import SIZE, shapes_with_grid, train_tiny_attend
 from helpers import assert_same_weights, checkpoint_steps, h5_datasets, kill_and_resume
 
 from base.devices import using_precision
 from base.errors import InputError
-from data.synthetic import generate_shapes
 from decoder.modeldir import load_model_dir
 from decoder.train.cnn_blocks import block_of_layers
-from decoder.train.config import TrainConfig
 from decoder.train.finetune import FinetuneConfig, finetune, phase2_recipe
-from decoder.train.train_decoder import DataConfig, train_decoder
 from extract.encoder import build_encoder, weights_fingerprint
-from extract.run import ExtractConfig, run_extract
 
-SIZE = 160  # InceptionV3's Mixed_7c is 3x3 at 160 px
 STEPS, EVERY, BATCH, LR, VAL = 4, 2, 4, 0.05, 4  # the finetune run, in-process and on the command line
 
 
@@ -37,17 +33,9 @@ def attend_model(tmp_path_factory):
     """(shapes root, captions.json, an attend model dir): 40 shapes at 160 px, `extract --grid` with a
     seeded random CNN, then `train-decoder --arch attend` (tiny sizes, standardised grid cells, 40 steps)."""
     root = tmp_path_factory.mktemp("attend_ft")
-    captions = generate_shapes(root, n_images=40, image_size=SIZE, seed=3)
-    store, model = root / "grid.h5", root / "model"
-    run_extract(ExtractConfig(out=str(store), images=[str(root / "images")], captions=[str(captions)],
-                              cnn_weights="none", image_size=SIZE, batch_size=8, progress=False, grid=True,
-                              precision="float32"), log=_quiet)
-    train = TrainConfig(steps=40, batch_size=16, optimizer="adam", learning_rate=0.01, eval_every=0,
-                        checkpoint_every=40, precision="float32")
-    train_decoder(DataConfig(features=str(store), captions=[str(captions)], min_word_count=1), model, train,
-                  embedding_size=16, lstm_units=16, feature_norm="standardize", arch="attend",
-                  attention_units=8, progress=False, log=_quiet)
-    return root, captions, model
+    captions, store = shapes_with_grid(root)
+    train_tiny_attend(store, captions, root / "model", 40)
+    return root, captions, root / "model"
 
 
 def _config(setup, **kw) -> FinetuneConfig:

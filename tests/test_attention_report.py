@@ -11,19 +11,17 @@ import re
 
 import numpy as np
 import pytest
+from attend_data import shapes_with_grid, train_tiny_attend
 from helpers import cli
 from PIL import Image
 
-from data.synthetic import generate_shapes
 from decoder.infer.evaluate import EvalConfig, run_evaluate
 from decoder.infer.heatmaps import PANEL, TEXT
 from decoder.train.config import TrainConfig
 from decoder.train.train_decoder import DataConfig, train_decoder
 from evaluation.metrics import MetricsResult
 from evaluation.report import ReportItem, write_report
-from extract.run import ExtractConfig, run_extract
 
-SIZE = 160  # InceptionV3's Mixed_7c is 3x3 at 160 px
 _ITEM = re.compile(r'<div class="item" id="rank\d+">.*?</div></div>(?=\n|</body>)', re.S)
 
 
@@ -31,22 +29,13 @@ _ITEM = re.compile(r'<div class="item" id="rank\d+">.*?</div></div>(?=\n|</body>
 def shapes(tmp_path_factory):
     """A small synthetic shapes set at 160 px and its grid store: (root, captions.json, grid.h5)."""
     root = tmp_path_factory.mktemp("shapes")
-    captions = generate_shapes(root, n_images=40, image_size=SIZE, seed=3)
-    cfg = ExtractConfig(out=str(root / "grid.h5"), images=[str(root / "images")], captions=[str(captions)],
-                        cnn_weights="none", image_size=SIZE, batch_size=8, progress=False, grid=True,
-                        precision="float32")
-    run_extract(cfg, log=lambda *_: None)
-    return root, captions, root / "grid.h5"
+    return root, *shapes_with_grid(root)
 
 
 def _train_attend(shapes, model):
-    """An attend model dir trained by the CLI long enough (120 steps, 32 wide: with the zero initial state a
-    16-wide one still says only "a") to caption the test images."""
+    """An attend model dir trained long enough (120 steps, 32 wide) to caption the test images."""
     _, captions, store = shapes
-    cli("train-decoder", "--features", store, "--captions", captions, "--model-dir", model,
-        "--arch", "attend", "--attention-units", "8", "--embedding-size", "32", "--lstm-units", "32",
-        "--feature-norm", "standardize", "--optimizer", "adam", "--learning-rate", "0.02", "--steps", "120",
-        "--batch-size", "16", "--min-word-count", "1", "--precision", "float32", "--no-progress")
+    train_tiny_attend(store, captions, model, 120, units=32, learning_rate=0.02)
     return model
 
 
