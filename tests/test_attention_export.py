@@ -1,7 +1,7 @@
 """Issue 18's export check: an exported attend model, run by `tf.saved_model.load` in a Python that cannot
-import this project (helpers.run_saved_models: `python -I -S`, the venv's site-packages without their .pth
-files, so not even the editable install's finder), gives `caption`'s captions, log-probs (1e-4) and attention
-maps (1e-5), from image files (serving_default) and from the grid store (caption_features)."""
+import this project (saved_models.run_saved_models: `python -I -S`, the venv's site-packages without their
+.pth files, so not even the editable install's finder), gives `caption`'s captions, log-probs (1e-4) and
+attention maps (1e-5), from image files (serving_default) and from the grid store (caption_features)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 from attend_data import CELLS, shapes_with_grid, train_tiny_attend
-from helpers import cli, run_saved_models
+from helpers import cli
+from saved_models import run_saved_models
 
 from base.devices import using_precision
 from data.features import open_store

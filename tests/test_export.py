@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from helpers import REPO, coco_ramp_images, run_saved_models, tiny_caption_model
+from helpers import REPO, coco_ramp_images, tiny_caption_model
+from saved_models import run_saved_models
 
 from beam import SearchConfig
 from cli import main
