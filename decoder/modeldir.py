@@ -80,6 +80,11 @@ class LoadedModel:
     model_dir: Path
     weights: WeightsUsed | None = None  # which decoder weights were loaded (--weights last|best)
 
+    @property
+    def image_size(self) -> int:
+        """The CNN's input size S in pixels (299, im2txt's, when the CNN block does not say)."""
+        return int(self.cnn.get("image_size") or 299)
+
 
 def vocab_block(path: Path) -> dict:
     """{"words": ids in the vocabulary file (with <UNK>), "sha256": digest of its bytes}."""

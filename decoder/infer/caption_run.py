@@ -62,5 +62,5 @@ def _write_heatmaps(captioner: Captioner, run: CaptionRun, out_dir, images_roots
     `images_roots` (not found: the weights alone)."""
     roots = None if images_roots is None else [Path(r) for r in images_roots]
     find = (lambda key: key) if roots is None else (lambda key: resolve_image(key, roots))
-    size = int(captioner.cnn.get("image_size", 299))
+    size = captioner.loaded.image_size
     log(f"attention: {write_heatmaps(run.results, out_dir, size, find)} heat-map PNG(s) -> {out_dir}")

@@ -244,7 +244,7 @@ def run_evaluate(cfg: EvalConfig, search: SearchConfig | None = None, log=print)
     write_metrics_json(metrics_path, metrics, extra=extra)
     report_path = None
     if cfg.report:
-        size = int(captioner.cnn.get("image_size", 299))
+        size = captioner.loaded.image_size
         stats = write_report(cfg.report, report_items(items, size), metrics, extra=extra,
                              title=f"{Path(cfg.model_dir).name}: {cfg.split} split")
         report_path = stats.path

@@ -119,7 +119,7 @@ class ImageInput(FeatureInput):
 
     def __init__(self, loaded: LoadedModel, files: list[str | None], keys: list[str]):
         self.infer = model_encoder(loaded)  # builds the CNN and checks it before any image is read
-        self.files, self.size = list(files), int(loaded.cnn.get("image_size", 299))
+        self.files, self.size = list(files), loaded.image_size
         super().__init__(keys, [coco_image_id(k) for k in keys],
                          ["" if f else f"{MISSING}: not found under any --images root" for f in files])
 

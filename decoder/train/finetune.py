@@ -124,7 +124,7 @@ def _split_pairs(annotations, split: str, roots, vocab, log, max_words: int | No
 def _check_args(cfg: FinetuneConfig, loaded, model_config) -> int:
     """InputError for a bad option or a model dir without a CNN record; returns the image size."""
     cnn_spec(loaded)  # raises the "records no CNN" error
-    image_size = int(cfg.image_size or loaded.cnn.get("image_size") or 299)
+    image_size = int(cfg.image_size or loaded.image_size)
     if image_size < MIN_IMAGE_SIZE:
         raise InputError(f"--image-size {image_size} is too small: InceptionV3 needs at least 75 px.")
     grid, got = grid_shape(model_config), grid_size(image_size)
